@@ -1,0 +1,134 @@
+"""Tasks: the useful work miners train (PROTOCOL.md §2).
+
+A task is data: which dataset (by content hash), which architecture and optimizer
+space HtoA draws from, and the thresholds that make a checkpoint a block. Accuracies
+are integer counts of validation predictions and fractions are parts per million, so
+no float ever enters consensus.
+"""
+
+import hashlib
+from dataclasses import dataclass
+from typing import Annotated
+
+from consensus.encoding import (
+    U8,
+    U16,
+    U32,
+    U64,
+    Address20,
+    Hash,
+    Hash32,
+    MaxItems,
+    Name,
+    tagged_hash,
+    to_plain,
+)
+from consensus.errors import ConsensusError
+
+FAMILY_MLP = 0
+FAMILY_CNN = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """A dataset by name and by the content hash and size of each split."""
+
+    name: Name
+    channels: U8
+    height: U16
+    width: U16
+    classes: U16
+    train_hash: Hash32
+    val_hash: Hash32
+    test_hash: Hash32
+    train_size: U32
+    val_size: U32
+    test_size: U32
+
+
+@dataclass(frozen=True, slots=True)
+class ArchSpace:
+    """The architectures HtoA may draw: a family and ranges of depth and width."""
+
+    family: U8
+    depth_min: U8
+    depth_max: U8
+    width_min: U16
+    width_max: U16
+
+
+@dataclass(frozen=True, slots=True)
+class HppSpace:
+    """SGD-with-momentum hyper-parameter ranges; rates in ppm."""
+
+    lr_min_ppm: U32
+    lr_max_ppm: U32
+    momentum_min_ppm: U32
+    momentum_max_ppm: U32
+    batch_sizes: Annotated[tuple[U16, ...], MaxItems(8)]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task descriptor; the table in PROTOCOL.md §2 explains every field."""
+
+    dataset: Dataset
+    arch: ArchSpace
+    hpp: HppSpace
+    t_acc: U32
+    t_min: U32
+    wm_ppm: U32
+    k: U32
+    s_min: U32
+    s_max: U32
+    l_ref: U32
+    delta_ppm: U32
+    eps_correct: U32
+    duration: U32
+    publisher: Address20
+    bounty: U64
+
+
+def compute_task_id(task: Task) -> Hash:
+    """task_id = H("task", task)."""
+    return tagged_hash("task", to_plain(task))
+
+
+def compute_split_hash(images: bytes, labels: bytes, shape: tuple[int, ...]) -> Hash:
+    """The content hash of one split: its canonical uint8 images, labels and shape.
+
+    `images` is the C-order uint8 tensor of shape `shape` (N, C, H, W); `labels`
+    holds one uint8 class per image. Hashing the decoded tensor, not a file, makes the
+    hash independent of how the dataset was packaged.
+    """
+    digest = hashlib.sha256(images).digest()
+    return tagged_hash("dataset-split", tuple(shape), digest, hashlib.sha256(labels).digest())
+
+
+def validate_task(task: Task) -> None:
+    """Reject a task whose parameters contradict each other (reason `bad-task-params`)."""
+    problems = []
+    ds = task.dataset
+    if not 0 < task.t_min <= task.t_acc <= ds.val_size:
+        problems.append("need 0 < t_min <= t_acc <= val_size")
+    if not 0 < task.k <= task.s_max or task.s_max % task.k:
+        problems.append("need 0 < k <= s_max and k dividing s_max")
+    if task.s_min > task.s_max * (1 + task.l_ref):
+        problems.append("s_min unreachable")
+    if task.wm_ppm >= 1_000_000 or task.delta_ppm >= 1_000_000:
+        problems.append("ppm fields must be below 10^6")
+    if task.duration == 0:
+        problems.append("duration must be positive")
+    arch = task.arch
+    if not arch.depth_min <= arch.depth_max or not 0 < arch.width_min <= arch.width_max:
+        problems.append("empty architecture space")
+    if arch.family not in (FAMILY_MLP, FAMILY_CNN):
+        problems.append(f"unknown family {task.arch.family}")
+    hpp = task.hpp
+    if (not 0 < hpp.lr_min_ppm <= hpp.lr_max_ppm
+            or not hpp.momentum_min_ppm <= hpp.momentum_max_ppm < 1_000_000):
+        problems.append("empty hyper-parameter space")
+    if not hpp.batch_sizes or 0 in hpp.batch_sizes:
+        problems.append("batch sizes must be positive")
+    if problems:
+        raise ConsensusError("bad-task-params", "; ".join(problems))

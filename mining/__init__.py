@@ -1,0 +1,1 @@
+"""D-PoDL mining: datasets, HtoA, the FreezeNet watermark, training, PreHash/PostHash."""

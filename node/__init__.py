@@ -1,0 +1,1 @@
+"""The node: configuration, daemon, JSON-RPC, CLI; the only layer that builds services."""

@@ -1,0 +1,132 @@
+"""Every LevelDB key the node writes, and the records stored under them.
+
+One byte of prefix names the table; nobody outside this module formats a key.
+
+    B id            block (canonical encoding)
+    I id            IndexEntry: header, weights, validity, arrival order
+    H height        id of the main-chain block at height (8 bytes big-endian)
+    T               id of the best tip
+    N               ChainMeta: which network this database belongs to
+    S kind key      a state entry (account, model, block, task, schedule)
+    U id            Undo: the state entries a connected block overwrote
+    K task_id       a task, content-addressed (for weighing blocks off the main chain)
+    M model_id      a model's parameters
+    C owner id i    checkpoint i of a block's or model transaction's history
+"""
+
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from consensus.blocks import BlockHeader
+from consensus.encoding import U8, U64, Bytes, Hash, Hash32, MaxItems, Name, decode, encode
+from consensus.state import STATE_TYPES, StateKey
+
+BLOCK = b"B"
+INDEX = b"I"
+HEIGHT = b"H"
+TIP = b"T"
+META = b"N"
+STATE = b"S"
+UNDO = b"U"
+TASK = b"K"
+MODEL = b"M"
+CHECKPOINT = b"C"
+
+# Validity of an indexed block. STORED: its context checks passed and its data is
+# here; VALID: it has been connected, so its state transition is known to be good.
+STATUS_STORED = 0
+STATUS_VALID = 1
+STATUS_INVALID = 2  # failed its own checks
+STATUS_INVALID_PARENT = 3  # descends from an invalid block
+
+_KIND_CODES = {kind: bytes([i]) for i, kind in enumerate(STATE_TYPES, start=1)}
+_CODE_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    header: BlockHeader
+    weight: U64  # this block's weight under the fork rule
+    chain_weight: U64  # total weight from genesis through this block
+    status: U8
+    seen: U64  # arrival order on this node: first-seen wins ties
+
+
+@dataclass(frozen=True, slots=True)
+class ChainMeta:
+    network: Name
+    genesis_id: Hash32
+
+
+@dataclass(frozen=True, slots=True)
+class UndoEntry:
+    kind: U8
+    key: Annotated[bytes, Bytes(64)]
+    before: Annotated[bytes, Bytes(1 << 20)]  # encoded value, b"" when the entry was absent
+
+
+@dataclass(frozen=True, slots=True)
+class Undo:
+    entries: Annotated[tuple[UndoEntry, ...], MaxItems(1 << 20)]
+
+
+def block_key(block_id: Hash) -> bytes:
+    return BLOCK + block_id
+
+
+def index_key(block_id: Hash) -> bytes:
+    return INDEX + block_id
+
+
+def height_key(height: int) -> bytes:
+    return HEIGHT + struct.pack(">Q", height)
+
+
+def undo_key(block_id: Hash) -> bytes:
+    return UNDO + block_id
+
+
+def task_key(task_id: Hash) -> bytes:
+    return TASK + task_id
+
+
+def model_key(model_id: Hash) -> bytes:
+    return MODEL + model_id
+
+
+def checkpoint_key(owner_id: Hash, index: int) -> bytes:
+    return CHECKPOINT + owner_id + struct.pack(">I", index)
+
+
+def checkpoint_prefix(owner_id: Hash) -> bytes:
+    return CHECKPOINT + owner_id
+
+
+def state_key(key: StateKey) -> bytes:
+    kind, name = key
+    return STATE + _KIND_CODES[kind] + name
+
+
+def state_key_from_db(db_key: bytes) -> StateKey:
+    return _CODE_KINDS[db_key[1:2]], db_key[2:]
+
+
+def decode_state_value(key: StateKey, data: bytes) -> Any:
+    return decode(STATE_TYPES[key[0]], data)
+
+
+def encode_undo(changes: tuple[tuple[StateKey, Any, Any], ...]) -> bytes:
+    """Undo data for a block's state diff: every entry's value before the block."""
+    return encode(Undo(tuple(
+        UndoEntry(_KIND_CODES[key[0]][0], key[1], b"" if before is None else encode(before))
+        for key, before, _ in changes)))
+
+
+def decode_undo(data: bytes) -> list[tuple[StateKey, Any]]:
+    """The (key, value before the block) pairs of an undo record; None: was absent."""
+    out = []
+    for entry in decode(Undo, data).entries:
+        key = (_CODE_KINDS[bytes([entry.kind])], entry.key)
+        out.append((key, decode_state_value(key, entry.before) if entry.before else None))
+    return out
