@@ -89,8 +89,11 @@ def sign_tx(tx: Transaction, key: PrivateKey) -> Transaction:
     return replace(tx, signature=key.sign(compute_tx_id(tx)))
 
 
-def validate_tx_signature(tx: Transaction) -> None:
-    """The signer's Ed25519 signature over tx_id must verify (reason `bad-txn-sig`)."""
-    if not check_signature(signer_pubkey(tx), compute_tx_id(tx), tx.signature):
-        raise ConsensusError("bad-txn-sig", compute_tx_id(tx).hex())
+def validate_tx_signature(tx: Transaction, tx_id: Hash | None = None) -> None:
+    """The signer's Ed25519 signature over tx_id must verify (reason `bad-txn-sig`).
+
+    `tx_id` saves recomputing an id the caller already has."""
+    tx_id = compute_tx_id(tx) if tx_id is None else tx_id
+    if not check_signature(signer_pubkey(tx), tx_id, tx.signature):
+        raise ConsensusError("bad-txn-sig", tx_id.hex())
 

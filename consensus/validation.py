@@ -15,13 +15,13 @@ from consensus.blocks import (
     BlockHeader,
     block_size,
     compute_block_id,
-    compute_tx_root,
     validate_header_signature,
 )
 from consensus.difficulty import compute_mtx_target
 from consensus.encoding import Hash
 from consensus.errors import ConsensusError
 from consensus.fork_choice import compute_block_weight
+from consensus.merkle import compute_root
 from consensus.params import ChainParams
 from consensus.seal import SealEngine
 from consensus.tasks import Task
@@ -70,12 +70,13 @@ def validate_block_body(params: ChainParams, block: Block) -> None:
     """Size, the transaction Merkle root, no duplicate transactions, every signature."""
     if block_size(block) > params.max_block_bytes:
         raise ConsensusError("bad-blk-length", f"over {params.max_block_bytes} bytes")
-    if compute_tx_root(block.txs) != block.header.tx_root:
+    tx_ids = [compute_tx_id(tx) for tx in block.txs]
+    if compute_root(tx_ids) != block.header.tx_root:
         raise ConsensusError("bad-txnmrklroot", "transactions do not match the header")
-    if len({compute_tx_id(tx) for tx in block.txs}) != len(block.txs):
+    if len(set(tx_ids)) != len(tx_ids):
         raise ConsensusError("bad-txns-duplicate", "a transaction appears twice")
-    for tx in block.txs:
-        validate_tx_signature(tx)
+    for tx, tx_id in zip(block.txs, tx_ids, strict=True):
+        validate_tx_signature(tx, tx_id)
 
 
 def validate_block(params: ChainParams, engine: SealEngine, block: Block, ctx: HeaderContext,

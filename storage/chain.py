@@ -81,6 +81,7 @@ class ChainStore:
         self._children: dict[Hash, list[Hash]] = {}
         self._candidates: set[Hash] = set()
         self._adding: dict[Hash, Block] = {}  # the block add_block holds, saving a re-read
+        self._unwritten: dict[bytes, bytes] = {}  # its records, for the next batch
         self.genesis_id = compute_block_id(genesis_block(params).header)
         meta = db.get(schema.META)
         if meta is None:
@@ -231,12 +232,13 @@ class ChainStore:
             weight = validate_block(self.params, self.engine, block, ctx, self._task_of)
             entry = IndexEntry(block.header, weight, parent.chain_weight + weight,
                                STATUS_STORED, self._seen)
-            with self.db.write_batch() as batch:
-                batch.put(schema.block_key(block_id), encode(block))
-                batch.put(schema.index_key(block_id), encode(entry))
-                for tx in block.txs:
-                    if isinstance(tx, TaskTx):
-                        batch.put(schema.task_key(compute_task_id(tx.task)), encode(tx.task))
+            # The block's records ride in the batch that connects it, or that marks it
+            # invalid, or on their own if it only extends a side branch.
+            self._unwritten = {schema.block_key(block_id): encode(block),
+                               schema.index_key(block_id): encode(entry)}
+            for tx in block.txs:
+                if isinstance(tx, TaskTx):
+                    self._unwritten[schema.task_key(compute_task_id(tx.task))] = encode(tx.task)
             self._seen += 1
             self._index[block_id] = entry
             self._children.setdefault(block.header.prev_id, []).append(block_id)
@@ -248,6 +250,9 @@ class ChainStore:
                 failures = self._activate_best_chain()
             finally:
                 self._adding = {}
+                if self._unwritten:
+                    with self.db.write_batch() as batch:
+                        self._flush_unwritten(batch)
             for failed_id, error in failures:
                 if failed_id == block_id or self._is_ancestor(failed_id, block_id):
                     raise error
@@ -353,6 +358,7 @@ class ChainStore:
             undos.append(schema.encode_undo(diff.changes))
         validated = {}
         with self.db.write_batch() as batch:
+            self._flush_unwritten(batch)
             for key, value in pending.items():
                 if value is None:
                     batch.delete(schema.state_key(key))
@@ -372,6 +378,11 @@ class ChainStore:
         self._index.update(validated)
         self.tip_id = connect[-1]
 
+    def _flush_unwritten(self, batch: Any) -> None:
+        for key, value in self._unwritten.items():
+            batch.put(key, value)
+        self._unwritten = {}
+
     def _mark_invalid(self, block_id: Hash) -> None:
         """Mark a block that failed to connect, and all its descendants, invalid."""
         marks = {block_id: STATUS_INVALID}
@@ -381,6 +392,7 @@ class ChainStore:
             marks[child] = STATUS_INVALID_PARENT
             stack.extend(self._children.get(child, ()))
         with self.db.write_batch() as batch:
+            self._flush_unwritten(batch)
             for marked, status in marks.items():
                 self._index[marked] = replace(self._index[marked], status=status)
                 batch.put(schema.index_key(marked), encode(self._index[marked]))
