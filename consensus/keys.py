@@ -1,5 +1,6 @@
 """Ed25519 keys, addresses, and signatures over object ids (PROTOCOL.md §1)."""
 
+import functools
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -14,6 +15,7 @@ from consensus.encoding import Address, tagged_hash
 _RAW = serialization.Encoding.Raw
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def compute_address(pubkey: bytes) -> Address:
     """An address is the first 20 bytes of H("addr", pubkey)."""
     return Address(tagged_hash("addr", pubkey)[:20])
@@ -49,10 +51,16 @@ class PrivateKey:
         return f"PrivateKey(address={self.address.hex()})"
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _public_key(pubkey: bytes) -> Ed25519PublicKey:
+    """Parsed keys are cached: the same accounts sign again and again."""
+    return Ed25519PublicKey.from_public_bytes(pubkey)
+
+
 def check_signature(pubkey: bytes, message: bytes, signature: bytes) -> bool:
     """True when `signature` is `pubkey`'s Ed25519 signature of `message`."""
     try:
-        Ed25519PublicKey.from_public_bytes(pubkey).verify(signature, message)
+        _public_key(pubkey).verify(signature, message)
     except (InvalidSignature, ValueError):
         return False
     return True

@@ -200,7 +200,7 @@ def _credit(overlay: StateOverlay, address: Address, amount: int) -> None:
     account = overlay.account(address)
     if account.balance + amount > U64_MAX:
         raise ConsensusError("bad-txn-overflow", address.hex())
-    overlay.set(("account", address), replace(account, balance=account.balance + amount))
+    overlay.set(("account", address), Account(account.balance + amount, account.nonce))
 
 
 def apply_transaction(params: ChainParams, overlay: StateOverlay, schedule: Schedule,

@@ -89,11 +89,14 @@ def sign_tx(tx: Transaction, key: PrivateKey) -> Transaction:
     return replace(tx, signature=key.sign(compute_tx_id(tx)))
 
 
-def validate_tx_signature(tx: Transaction, tx_id: Hash | None = None) -> None:
-    """The signer's Ed25519 signature over tx_id must verify (reason `bad-txn-sig`).
+def check_tx_signature(tx: Transaction, tx_id: Hash) -> bool:
+    """True when the signer's Ed25519 signature over `tx_id` (tx's own id) verifies."""
+    return check_signature(signer_pubkey(tx), tx_id, tx.signature)
 
-    `tx_id` saves recomputing an id the caller already has."""
-    tx_id = compute_tx_id(tx) if tx_id is None else tx_id
-    if not check_signature(signer_pubkey(tx), tx_id, tx.signature):
+
+def validate_tx_signature(tx: Transaction) -> None:
+    """The signer's Ed25519 signature over tx_id must verify (reason `bad-txn-sig`)."""
+    tx_id = compute_tx_id(tx)
+    if not check_tx_signature(tx, tx_id):
         raise ConsensusError("bad-txn-sig", tx_id.hex())
 

@@ -12,9 +12,11 @@ Callers serialise writes (the node runs this in one executor thread); a lock gua
 against misuse.
 """
 
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,6 +41,8 @@ from storage.schema import (
     ChainMeta,
     IndexEntry,
 )
+
+PARALLEL_MIN_ITEMS = 8
 
 
 class MissingParent(Exception):
@@ -82,6 +86,9 @@ class ChainStore:
         self._candidates: set[Hash] = set()
         self._adding: dict[Hash, Block] = {}  # the block add_block holds, saving a re-read
         self._unwritten: dict[bytes, bytes] = {}  # its records, for the next batch
+        self._tasks: dict[Hash, Task] = {}
+        self._workers = os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="dpodl-sigcheck")
         self.genesis_id = compute_block_id(genesis_block(params).header)
         meta = db.get(schema.META)
         if meta is None:
@@ -172,8 +179,13 @@ class ChainStore:
         return None if raw is None else schema.decode_state_value(key, raw)
 
     def get_task(self, task_id: Hash) -> Task | None:
-        raw = self.db.get(schema.task_key(task_id))
-        return None if raw is None else self._decode(Task, raw, f"task {task_id.hex()}")
+        task = self._tasks.get(task_id)  # content-addressed, so a cache never goes stale
+        if task is None:
+            raw = self.db.get(schema.task_key(task_id))
+            if raw is None:
+                return None
+            task = self._tasks[task_id] = self._decode(Task, raw, f"task {task_id.hex()}")
+        return task
 
     def account(self, address: bytes) -> Account:
         return self.get_state(("account", address)) or Account()
@@ -229,7 +241,8 @@ class ChainStore:
             if parent.status >= STATUS_INVALID:
                 raise ConsensusError("bad-prevblk", "parent is invalid")
             ctx = self._header_context(block.header, parent, now)
-            weight = validate_block(self.params, self.engine, block, ctx, self._task_of)
+            weight = validate_block(self.params, self.engine, block, ctx, self.get_task,
+                                    self._parallel_map)
             entry = IndexEntry(block.header, weight, parent.chain_weight + weight,
                                STATUS_STORED, self._seen)
             # The block's records ride in the batch that connects it, or that marks it
@@ -261,8 +274,20 @@ class ChainStore:
             disconnected, connected = self._fork_paths(old_tip, self.tip_id)
             return AddResult("connected", block_id, tuple(disconnected), tuple(connected))
 
-    def _task_of(self, task_id: Hash) -> Task | None:
-        return self.get_task(task_id)
+    def _parallel_map(self, fn: Callable[..., Any], *iterables: Iterable[Any]) -> list[Any]:
+        """`map` over the worker threads in contiguous chunks, order kept; small inputs
+        stay on this thread, where handing them over would cost more than it saves."""
+        items = list(zip(*iterables, strict=True))
+        if len(items) < PARALLEL_MIN_ITEMS or self._workers == 1:
+            return [fn(*args) for args in items]
+        size = -(-len(items) // self._workers)
+        futures = [self._pool.submit(lambda chunk: [fn(*args) for args in chunk],
+                                     items[i:i + size]) for i in range(0, len(items), size)]
+        return [result for future in futures for result in future.result()]
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        self.db.close()
 
     def _header_context(self, header: BlockHeader, parent: IndexEntry,
                         now: int | None) -> HeaderContext:

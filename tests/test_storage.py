@@ -173,8 +173,8 @@ def test_any_arrival_order_of_a_tree_ends_on_the_heaviest_tip(tmp_path, fork_rul
     blocks = []
     for _ in range(40):  # a random tree: each block extends a random earlier one
         parent = rng.choice([builder.genesis_id] + [bid(b) for b in blocks])
-        blocks.append(builder.extend(parent, n_correct=rng.randint(task.t_acc, task.dataset.val_size)
-                                     if fork_rule == "longest" else rng.randint(task.t_min, 250)))
+        low = task.t_acc if fork_rule == "longest" else task.t_min
+        blocks.append(builder.extend(parent, n_correct=rng.randint(low, task.dataset.val_size)))
     reference = open_store(tmp_path / "ref", params)
     for block in blocks:
         reference.add_block(block)
