@@ -14,6 +14,31 @@ from consensus.encoding import Address, tagged_hash
 
 _RAW = serialization.Encoding.Raw
 
+# Encodings of Ed25519's eight small-order points (the 8-torsion: identity, (0, -1),
+# (±sqrt(-1), 0) and the four points of order 8), including their non-canonical forms
+# (y + p where it fits in 255 bits, and a sign bit set on x = 0). OpenSSL accepts
+# signatures under these keys that verify for any message — (identity, S = 0) among
+# them — so an address derived from one could be spent by anyone, and a node built on
+# libsodium (which refuses them) would disagree about validity. Consensus refuses them.
+# Derived by solving the curve equation for the torsion points; the same set as
+# libsodium's blocklist.
+SMALL_ORDER_KEYS = frozenset(bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000080",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+))
+
 
 @functools.lru_cache(maxsize=1 << 16)
 def compute_address(pubkey: bytes) -> Address:
@@ -58,7 +83,11 @@ def _public_key(pubkey: bytes) -> Ed25519PublicKey:
 
 
 def check_signature(pubkey: bytes, message: bytes, signature: bytes) -> bool:
-    """True when `signature` is `pubkey`'s Ed25519 signature of `message`."""
+    """True when `signature` is `pubkey`'s Ed25519 signature of `message`.
+
+    Small-order public keys never verify (see SMALL_ORDER_KEYS)."""
+    if pubkey in SMALL_ORDER_KEYS:
+        return False
     try:
         _public_key(pubkey).verify(signature, message)
     except (InvalidSignature, ValueError):

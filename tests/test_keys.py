@@ -14,7 +14,7 @@ from consensus.blocks import (
 )
 from consensus.encoding import ZERO_HASH
 from consensus.errors import ConsensusError
-from consensus.keys import PrivateKey, check_signature, compute_address
+from consensus.keys import SMALL_ORDER_KEYS, PrivateKey, check_signature, compute_address
 from consensus.merkle import EMPTY_ROOT
 from consensus.params import COIN, DEV
 from consensus.proofs import Proof
@@ -230,3 +230,44 @@ def test_bad_tx_signature(index: int, case: str) -> None:
     with pytest.raises(ConsensusError) as exc:
         validate_tx_signature(tx)
     assert exc.value.reason == "bad-txn-sig"
+
+
+def _torsion_encodings() -> set[bytes]:
+    """Every encoding of an Ed25519 point of order dividing 8, from the curve equation."""
+    p = 2**255 - 19
+    d = -121665 * pow(121666, p - 2, p) % p
+
+    def sqrt(a: int) -> int:
+        x = pow(a % p, (p + 3) // 8, p)
+        if (x * x - a) % p:
+            x = x * pow(2, (p - 1) // 4, p) % p
+        assert (x * x - a) % p == 0
+        return x
+
+    i = sqrt(-1)
+    points = [(0, 1), (0, p - 1), (i, 0), (p - i, 0)]
+    x2 = (1 + sqrt(1 + d)) * pow(d, p - 2, p) % p  # order 8: y^2 = -x^2 on the curve
+    x, y = sqrt(x2), sqrt(-x2)
+    points += [(xx, yy) for xx in (x, p - x) for yy in (y, p - y)]
+    encodings = set()
+    for px, py in points:
+        assert (-px * px + py * py - 1 - d * px * px * py * py) % p == 0
+        for ybits in {py, py + p} if py + p < 2**255 else {py}:
+            signs = (0, 1) if px == 0 else (px & 1,)
+            encodings |= {(ybits | s << 255).to_bytes(32, "little") for s in signs}
+    return encodings
+
+
+def test_small_order_keys_are_exactly_the_torsion_encodings() -> None:
+    assert _torsion_encodings() == SMALL_ORDER_KEYS
+
+
+def test_small_order_key_cannot_authorise_anything() -> None:
+    identity = bytes([1]) + bytes(31)
+    forged = identity + bytes(32)  # R = identity, S = 0: OpenSSL accepts it for any message
+    for key in SMALL_ORDER_KEYS:
+        assert not check_signature(key, b"any message", forged)
+    tx = Transfer(pubkey=identity, to=bytes(20), amount=1, fee=0, nonce=0, signature=forged)
+    with pytest.raises(ConsensusError) as err:
+        validate_tx_signature(tx)
+    assert err.value.reason == "bad-txn-sig"
