@@ -24,7 +24,7 @@ from consensus.blocks import Block, BlockHeader, compute_block_id
 from consensus.difficulty import compute_next_target
 from consensus.encoding import DecodeError, Hash, decode, encode
 from consensus.errors import ConsensusError
-from consensus.fork_choice import ChainTip, check_better_tip
+from consensus.fork_choice import ChainTip, check_better_tip, select_best_tip
 from consensus.params import ChainParams, genesis_block
 from consensus.seal import SealEngine
 from consensus.state import Account, StateKey, apply_block, compute_genesis_state
@@ -316,10 +316,12 @@ class ChainStore:
         found = self._ancestor(self._index[block_id], ancestor.header.height)
         return compute_block_id(found.header) == ancestor_id
 
+    def _chain_tip(self, block_id: Hash) -> ChainTip:
+        entry = self._index[block_id]
+        return ChainTip(entry.chain_weight, entry.seen)
+
     def _better(self, candidate_id: Hash, current_id: Hash) -> bool:
-        cand, cur = self._index[candidate_id], self._index[current_id]
-        return check_better_tip(ChainTip(cand.chain_weight, cand.seen),
-                                ChainTip(cur.chain_weight, cur.seen))
+        return check_better_tip(self._chain_tip(candidate_id), self._chain_tip(current_id))
 
     # -- moving the tip --------------------------------------------------------------
 
@@ -332,8 +334,8 @@ class ChainStore:
                                 and self._better(c, self.tip_id)}
             if not self._candidates:
                 return failures
-            best = min(self._candidates,
-                       key=lambda c: (-self._index[c].chain_weight, self._index[c].seen))
+            tips = {self._chain_tip(c): c for c in self._candidates}  # `seen` is unique
+            best = tips[select_best_tip(list(tips))]
             disconnect, connect = self._fork_paths(self.tip_id, best)
             try:
                 self._reorganize(disconnect, connect)
