@@ -73,3 +73,12 @@ def validate_header_signature(header: BlockHeader) -> None:
 def block_size(block: Block) -> int:
     """Serialized size in bytes."""
     return len(encode(block))
+
+
+def assemble_block(parent: BlockHeader, timestamp: int, target: int, proof: Proof,
+                   txs: tuple[Transaction, ...], key: PrivateKey) -> Block:
+    """The signed block that carries `proof` on top of `parent`."""
+    header = BlockHeader(version=BLOCK_VERSION, height=parent.height + 1,
+                         prev_id=compute_block_id(parent), timestamp=timestamp, target=target,
+                         tx_root=compute_tx_root(txs), proof=proof)
+    return Block(sign_header(header, key), txs)

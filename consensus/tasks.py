@@ -122,6 +122,8 @@ def validate_task(task: Task) -> None:
     arch = task.arch
     if not arch.depth_min <= arch.depth_max or not 0 < arch.width_min <= arch.width_max:
         problems.append("empty architecture space")
+    if arch.family == FAMILY_CNN and min(ds.height, ds.width) >> arch.depth_max == 0:
+        problems.append("a CNN's pooling would shrink the image below 1 pixel")
     if arch.family not in (FAMILY_MLP, FAMILY_CNN):
         problems.append(f"unknown family {task.arch.family}")
     hpp = task.hpp

@@ -96,6 +96,24 @@ class Signature:
             for pos, idx, w in self._bind(params):
                 params[pos].put_(idx, w)
 
+    def sign_flat(self, flat: torch.Tensor) -> None:
+        """`sign` for a model whose parameters are views of one flat buffer: one scatter."""
+        with torch.no_grad():
+            for _, idx, w in self._bind([flat]):
+                flat.put_(idx, w)
+
+    def sign_array(self, params: np.ndarray) -> np.ndarray:
+        """A stamped copy of flat float32 `params` (a model's parameters in declared order)."""
+        indices, weights = self.draws(len(params))
+        out = np.array(params, dtype=np.float32, copy=True)
+        out[indices] = weights
+        return out
+
+    def verify_array(self, params: np.ndarray) -> bool:
+        """`verify` for flat float32 parameters."""
+        indices, weights = self.draws(len(params))
+        return bool((np.abs(params[indices] - weights) <= TOLERANCE).all())
+
     def verify(self, model: torch.nn.Module) -> bool:
         """True when every watermarked parameter is within TOLERANCE of its weight.
 

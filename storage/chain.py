@@ -22,7 +22,7 @@ from typing import Any
 
 from consensus.blocks import Block, BlockHeader, compute_block_id
 from consensus.difficulty import compute_next_target
-from consensus.encoding import DecodeError, Hash, decode, encode
+from consensus.encoding import Hash, encode
 from consensus.errors import ConsensusError
 from consensus.fork_choice import ChainTip, check_better_tip, select_best_tip
 from consensus.params import ChainParams, genesis_block
@@ -32,7 +32,7 @@ from consensus.tasks import Task, compute_task_id
 from consensus.transactions import TaskTx
 from consensus.validation import HeaderContext, compute_median_time_past, validate_block
 from storage import schema
-from storage.db import Database, StorageError
+from storage.db import Database, StorageError, decode_record
 from storage.schema import (
     STATUS_INVALID,
     STATUS_INVALID_PARENT,
@@ -121,7 +121,7 @@ class ChainStore:
             batch.put(schema.TIP, gid)
 
     def _check_meta(self, raw: bytes) -> None:
-        meta = self._decode(ChainMeta, raw, "chain metadata")
+        meta = decode_record(ChainMeta, raw, "chain metadata")
         if meta.genesis_id != self.genesis_id:
             raise StorageError(
                 f"{self.db.datadir} holds the {meta.network.decode(errors='replace')!r} chain "
@@ -130,7 +130,7 @@ class ChainStore:
     def _load_index(self) -> None:
         for key, value in self.db.iterate(schema.INDEX):
             block_id = Hash(key[len(schema.INDEX):])
-            entry = self._decode(IndexEntry, value, f"index entry {block_id.hex()}")
+            entry = decode_record(IndexEntry, value, f"index entry {block_id.hex()}")
             self._index[block_id] = entry
             if entry.header.height:
                 self._children.setdefault(entry.header.prev_id, []).append(block_id)
@@ -141,13 +141,6 @@ class ChainStore:
             raise StorageError(f"corrupt database: missing {key[:1].decode()} record "
                                f"{key[1:].hex()}")
         return value
-
-    @staticmethod
-    def _decode(tp: Any, raw: bytes, what: str) -> Any:
-        try:
-            return decode(tp, raw)
-        except DecodeError as exc:
-            raise StorageError(f"corrupt database: {what}: {exc}") from None
 
     # -- queries ---------------------------------------------------------------------
 
@@ -168,7 +161,7 @@ class ChainStore:
 
     def get_block(self, block_id: Hash) -> Block | None:
         raw = self.db.get(schema.block_key(block_id))
-        return None if raw is None else self._decode(Block, raw, f"block {block_id.hex()}")
+        return None if raw is None else decode_record(Block, raw, f"block {block_id.hex()}")
 
     def main_chain_id(self, height: int) -> Hash | None:
         raw = self.db.get(schema.height_key(height))
@@ -184,7 +177,7 @@ class ChainStore:
             raw = self.db.get(schema.task_key(task_id))
             if raw is None:
                 return None
-            task = self._tasks[task_id] = self._decode(Task, raw, f"task {task_id.hex()}")
+            task = self._tasks[task_id] = decode_record(Task, raw, f"task {task_id.hex()}")
         return task
 
     def account(self, address: bytes) -> Account:
@@ -202,25 +195,6 @@ class ChainStore:
     def is_main_chain(self, block_id: Hash) -> bool:
         entry = self._index.get(block_id)
         return entry is not None and self.main_chain_id(entry.header.height) == block_id
-
-    # -- models and checkpoints --------------------------------------------------------
-
-    def put_model(self, model_id: Hash, data: bytes) -> None:
-        self.db.db.put(schema.model_key(model_id), data, sync=True)
-
-    def get_model(self, model_id: Hash) -> bytes | None:
-        return self.db.get(schema.model_key(model_id))
-
-    def put_checkpoint(self, owner_id: Hash, index: int, data: bytes) -> None:
-        self.db.db.put(schema.checkpoint_key(owner_id, index), data)
-
-    def get_checkpoint(self, owner_id: Hash, index: int) -> bytes | None:
-        return self.db.get(schema.checkpoint_key(owner_id, index))
-
-    def prune_checkpoints(self, owner_id: Hash) -> None:
-        with self.db.write_batch() as batch:
-            for key, _ in self.db.iterate(schema.checkpoint_prefix(owner_id)):
-                batch.delete(key)
 
     # -- adding blocks ---------------------------------------------------------------
 
@@ -269,6 +243,33 @@ class ChainStore:
             for failed_id, error in failures:
                 if failed_id == block_id or self._is_ancestor(failed_id, block_id):
                     raise error
+            if self.tip_id == old_tip:
+                return AddResult("stored", block_id)
+            disconnected, connected = self._fork_paths(old_tip, self.tip_id)
+            return AddResult("connected", block_id, tuple(disconnected), tuple(connected))
+
+    def invalidate_block(self, block_id: Hash) -> AddResult:
+        """Mark a block and its descendants invalid and move to the best valid chain.
+
+        For a block a checked fraud proof convicts (PROTOCOL.md §8.8), and for an
+        operator's `invalidateblock`. Returns how the tip moved (status `connected`
+        when it did, `stored` when the block was off the main chain).
+        """
+        with self._lock:
+            entry = self._index.get(block_id)
+            if entry is None:
+                raise KeyError(block_id.hex())
+            if entry.header.height == 0:
+                raise ValueError("the genesis block cannot be invalidated")
+            old_tip = self.tip_id
+            if self.is_main_chain(block_id):
+                disconnect, _ = self._fork_paths(self.tip_id, entry.header.prev_id)
+                self._reorganize(disconnect, [])
+            self._mark_invalid(block_id)
+            # Any valid block may now lead (a branch cut short by an earlier failure too).
+            self._candidates.update(i for i, e in self._index.items()
+                                    if e.status <= STATUS_VALID)
+            self._activate_best_chain()
             if self.tip_id == old_tip:
                 return AddResult("stored", block_id)
             disconnected, connected = self._fork_paths(old_tip, self.tip_id)
@@ -365,8 +366,8 @@ class ChainStore:
         return disconnect, connect
 
     def _reorganize(self, disconnect: list[Hash], connect: list[Hash]) -> None:
-        """Disconnect then connect blocks in one batch; `connect` is never empty, since
-        only a heavier chain is worth moving to."""
+        """Disconnect then connect blocks in one batch. `connect` is empty only when an
+        invalidated block is rewound, leaving its parent as the tip."""
         pending: dict[StateKey, Any] = {}
         view = _PendingState(self, pending)
         for block_id in disconnect:
@@ -374,7 +375,7 @@ class ChainStore:
                 pending[key] = before
         undos = []
         for block_id in connect:
-            block = self._adding.get(block_id) or self._decode(
+            block = self._adding.get(block_id) or decode_record(
                 Block, self._read(schema.block_key(block_id)), f"block {block_id.hex()}")
             try:
                 diff = apply_block(self.params, view, block)
@@ -401,9 +402,10 @@ class ChainStore:
                 if entry.status != STATUS_VALID:
                     validated[block_id] = replace(entry, status=STATUS_VALID)
                     batch.put(schema.index_key(block_id), encode(validated[block_id]))
-            batch.put(schema.TIP, connect[-1])
+            new_tip = connect[-1] if connect else self._index[disconnect[-1]].header.prev_id
+            batch.put(schema.TIP, new_tip)
         self._index.update(validated)
-        self.tip_id = connect[-1]
+        self.tip_id = new_tip
 
     def _flush_unwritten(self, batch: Any) -> None:
         for key, value in self._unwritten.items():

@@ -9,6 +9,8 @@ from typing import Any
 
 import plyvel
 
+from consensus.encoding import DecodeError, decode
+
 
 class StorageError(Exception):
     """The database cannot be used (locked, corrupt, another network's)."""
@@ -71,3 +73,11 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def decode_record(tp: Any, raw: bytes, what: str) -> Any:
+    """Decode a stored record; a record that does not decode is database corruption."""
+    try:
+        return decode(tp, raw)
+    except DecodeError as exc:
+        raise StorageError(f"corrupt database: {what}: {exc}") from None

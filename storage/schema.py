@@ -10,8 +10,9 @@ One byte of prefix names the table; nobody outside this module formats a key.
     S kind key      a state entry (account, model, block, task, schedule)
     U id            Undo: the state entries a connected block overwrote
     K task_id       a task, content-addressed (for weighing blocks off the main chain)
-    M model_id      a model's parameters
-    C owner id i    checkpoint i of a block's or model transaction's history
+    M model_id      ModelBlob: a model's architecture and parameters
+    L ckpt_root     History: the leaves of a training history
+    C ckpt_root i   Checkpoint i of that history (leaf, Merkle path, tensors)
 """
 
 import struct
@@ -31,6 +32,7 @@ STATE = b"S"
 UNDO = b"U"
 TASK = b"K"
 MODEL = b"M"
+HISTORY = b"L"
 CHECKPOINT = b"C"
 
 # Validity of an indexed block. STORED: its context checks passed and its data is
@@ -95,12 +97,16 @@ def model_key(model_id: Hash) -> bytes:
     return MODEL + model_id
 
 
-def checkpoint_key(owner_id: Hash, index: int) -> bytes:
-    return CHECKPOINT + owner_id + struct.pack(">I", index)
+def history_key(ckpt_root: Hash) -> bytes:
+    return HISTORY + ckpt_root
 
 
-def checkpoint_prefix(owner_id: Hash) -> bytes:
-    return CHECKPOINT + owner_id
+def checkpoint_key(ckpt_root: Hash, index: int) -> bytes:
+    return CHECKPOINT + ckpt_root + struct.pack(">I", index)
+
+
+def checkpoint_prefix(ckpt_root: Hash) -> bytes:
+    return CHECKPOINT + ckpt_root
 
 
 def state_key(key: StateKey) -> bytes:

@@ -251,3 +251,49 @@ def test_invalid_block_marks_stored_descendants(tmp_path):
     assert store.get_entry(bid(kids[1])).status == STATUS_INVALID_PARENT
     assert store.tip_id == bid(main[-1])
     store.db.close()
+
+
+def test_invalidate_main_chain_block_moves_to_best_valid_chain(tmp_path):
+    builder = ChainBuilder(PARAMS)
+    main = builder.chain(builder.genesis_id, 4)
+    side = builder.chain(bid(main[0]), 2)  # forks after main[0]: height 3, lighter
+    store = open_store(tmp_path)
+    for block in main + side:
+        store.add_block(block)
+    assert store.tip_id == bid(main[-1])
+    result = store.invalidate_block(bid(main[2]))  # convicted by a fraud proof, say
+    assert result.status == "connected"
+    assert result.disconnected == tuple(bid(b) for b in reversed(main[1:]))
+    assert result.connected == tuple(bid(b) for b in side)
+    assert store.tip_id == bid(side[-1])
+    assert state_of(store) == builder.states[bid(side[-1])].entries
+    assert store.get_entry(bid(main[2])).status == STATUS_INVALID
+    assert store.get_entry(bid(main[3])).status == STATUS_INVALID_PARENT
+    assert store.get_entry(bid(main[1])).status == STATUS_VALID
+    store.db.close()
+    store = open_store(tmp_path)
+    assert store.tip_id == bid(side[-1])
+    assert state_of(store) == builder.states[bid(side[-1])].entries
+    with pytest.raises(ConsensusError) as err:
+        store.add_block(builder.extend(bid(main[3])))
+    assert err.value.reason == "bad-prevblk"
+    store.db.close()
+
+
+def test_invalidate_tip_without_rival_rewinds_to_its_parent(tmp_path):
+    builder = ChainBuilder(PARAMS)
+    main = builder.chain(builder.genesis_id, 3)
+    store = open_store(tmp_path)
+    for block in main:
+        store.add_block(block)
+    result = store.invalidate_block(bid(main[-1]))
+    assert result.status == "connected" and result.connected == ()
+    assert result.disconnected == (bid(main[-1]),)
+    assert store.tip_id == bid(main[1])
+    assert state_of(store) == builder.states[bid(main[1])].entries
+    off_chain = builder.chain(builder.genesis_id, 1)[0]
+    store.add_block(off_chain)
+    assert store.invalidate_block(bid(off_chain)).status == "stored"
+    with pytest.raises(ValueError):
+        store.invalidate_block(builder.genesis_id)
+    store.db.close()

@@ -1,0 +1,286 @@
+"""The D-PoDL seal engine: the reference verifier of PROTOCOL.md §8, steps 3–8.
+
+Cheap checks run first (PreHash, PostHash, step count, the committed history's shape,
+the initial weights, the final model and its watermark), then one validation pass, then
+the replay audits: the last interval, the interval with the largest committed update
+norm, and `q_local` intervals drawn from the verifier's own secret randomness. A forged
+interval found by a private audit raises `FraudFound`, which carries the fraud proof
+(§8.8) that convinces any other node by the replay of that one interval.
+
+Choices where PROTOCOL.md is silent, made here:
+- A replay compares the momentum buffers as well as the parameters, each within
+  `delta_ppm` relative L2 distance. Momentum is state the next interval starts from:
+  unchecked, a forger could commit honest parameters with a fabricated momentum that
+  carries the next, honestly replayable, interval to any weights it likes.
+- An audited interval's committed update norm must match the norm of its two
+  committed checkpoints (within the same relative tolerance, plus one fixed-point
+  unit), so a forger cannot hide a jump from the largest-update audit by understating
+  it, except in intervals nobody audits: those are the private audits' job.
+"""
+
+import math
+import random
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from consensus.blocks import BlockHeader, compute_block_id
+from consensus.checkpoints import (
+    NORM_SCALE,
+    Checkpoint,
+    CheckpointLeaf,
+    FraudProof,
+    History,
+    compute_ckpt_root,
+    compute_tensor_hash,
+    leaf_bytes,
+)
+from consensus.encoding import Hash
+from consensus.errors import ConsensusError
+from consensus.merkle import check_proof
+from consensus.models import ModelBlob, check_arch_in_space, compute_model_id
+from consensus.params import ChainParams
+from consensus.proofs import Proof, check_target, compute_posthash, compute_prehash
+from consensus.tasks import Task
+from consensus.transactions import ModelTx, compute_tx_id
+from mining.artifacts import ArtifactSource, MissingArtifact
+from mining.htoa import Draw, compute_htoa
+from mining.trainer import DataCache, Trainer, compute_update_norm, from_bytes, to_bytes
+
+DEFAULT_Q_LOCAL = 2
+
+
+class FraudFound(ConsensusError):
+    """A private audit caught a forged interval; `proof` shows it to everyone else."""
+
+    def __init__(self, detail: str, proof: FraudProof) -> None:
+        super().__init__("bad-replay", detail)
+        self.proof = proof
+
+
+@dataclass(frozen=True, slots=True)
+class _Subject:
+    """What is being verified: a block's or a model transaction's proof, and its id."""
+
+    owner_id: Hash
+    prev_id: Hash
+    proof: Proof
+
+
+def compute_relative_distance(replayed: np.ndarray, committed: np.ndarray) -> float:
+    """||replayed − committed||₂ / ||committed||₂ in float64 (0 when both are zero)."""
+    diff = replayed.astype(np.float64) - committed.astype(np.float64)
+    ref = float(np.sqrt(np.dot(committed.astype(np.float64), committed.astype(np.float64))))
+    dist = float(np.sqrt(np.dot(diff, diff)))
+    if ref == 0.0:
+        return 0.0 if dist == 0.0 else math.inf
+    return dist / ref
+
+
+class DPoDLEngine:
+    """Verifies D-PoDL proofs; implements consensus.seal.SealEngine.
+
+    `rng` picks the private audits; by default it is the operating system's secret
+    randomness, which is the point: a cheater cannot predict which intervals it hits.
+    """
+
+    def __init__(self, artifacts: ArtifactSource, data: DataCache, *,
+                 q_local: int = DEFAULT_Q_LOCAL, device: torch.device | str = "cpu",
+                 rng: random.Random | None = None) -> None:
+        if q_local < 0:
+            raise ValueError("q_local must be non-negative")
+        self.artifacts, self.data, self.q_local = artifacts, data, q_local
+        self.device = torch.device(device)
+        self.rng = rng or secrets.SystemRandom()
+
+    # -- the SealEngine interface --------------------------------------------------------
+
+    def validate_block_seal(self, params: ChainParams, header: BlockHeader, task: Task) -> None:
+        subject = _Subject(compute_block_id(header), header.prev_id, header.proof)
+        self._validate(params, subject, task, header.target)
+
+    def validate_mtx_seal(self, params: ChainParams, tx: ModelTx, task: Task,
+                          target: int) -> None:
+        self._validate(params, _Subject(compute_tx_id(tx), tx.prev_id, tx.proof), task, target)
+
+    # -- fraud proofs ----------------------------------------------------------------------
+
+    def check_fraud_proof(self, params: ChainParams, prev_id: Hash, proof: Proof, task: Task,
+                          fraud: FraudProof) -> bool:
+        """True when `fraud` proves that `proof`'s history has a forged interval.
+
+        Both checkpoints must be committed by the proof's ckpt_root (Merkle paths) and
+        consecutive; the interval is then replayed. A fraud proof that does not hold up
+        (bad paths, or an interval that replays) proves nothing and returns False: the
+        accuser, not the accused, is wrong.
+        """
+        start, end = fraud.start, fraud.end
+        j = proof.steps // task.k
+        if proof.steps % task.k or j < 1 or end.leaf.index != start.leaf.index + 1:
+            return False
+        for ckpt in (start, end):
+            if not (ckpt.leaf.index <= j
+                    and check_proof(proof.ckpt_root, leaf_bytes(ckpt.leaf), ckpt.leaf.index,
+                                    j + 1, ckpt.path)):
+                return False
+        try:
+            h1 = compute_prehash(prev_id, proof)
+            draw = compute_htoa(task, h1, self._reference(proof, task))
+            self._audit(self._trainer(draw, task), task, start, end)
+        except ConsensusError:
+            return True
+        return False
+
+    # -- the checks ------------------------------------------------------------------------
+
+    def _validate(self, params: ChainParams, subject: _Subject, task: Task, target: int) -> None:
+        proof = subject.proof
+        h1 = compute_prehash(subject.prev_id, proof)
+        if not check_target(h1, params.t1):
+            raise ConsensusError("bad-prehash", f"h1 {h1.hex()} above t1")
+        if not check_target(compute_posthash(h1, proof.steps, proof.n_correct), target):
+            raise ConsensusError("bad-posthash", "h2 above the target")
+        if proof.steps % task.k or not task.k <= proof.steps <= task.s_max:
+            raise ConsensusError("bad-steps", f"{proof.steps} steps, k={task.k}")
+        if proof.n_correct > task.dataset.val_size:
+            raise ConsensusError("bad-n-correct", f"{proof.n_correct} > validation size")
+        draw = compute_htoa(task, h1, self._reference(proof, task))
+        leaves = self._history(proof, task, draw)
+        model = self._final_model(proof, draw, leaves[-1])
+        trainer = self._trainer(draw, task)
+        self._recount(proof, task, trainer, model)
+        self._run_audits(subject, task, trainer, leaves)
+
+    def _reference(self, proof: Proof, task: Task) -> ModelBlob | None:
+        """The reference model's file, checked against its id and the task's space.
+
+        Whether the reference is on this chain and within the window is the state's
+        rule (state.validate_proof_rules); this only needs its weights.
+        """
+        if not proof.ref_model:
+            return None
+        blob = self.artifacts.get_model(Hash(proof.ref_model))
+        if blob is None:
+            raise MissingArtifact("model", Hash(proof.ref_model))
+        if compute_model_id(blob.arch, blob.params) != proof.ref_model:
+            raise MissingArtifact("model", Hash(proof.ref_model))  # a corrupt copy: refetch
+        if not check_arch_in_space(blob.arch, task):
+            raise ConsensusError("bad-ref-arch", "the reference is not an architecture "
+                                                 "of this task")
+        return blob
+
+    def _history(self, proof: Proof, task: Task, draw: Draw) -> tuple[CheckpointLeaf, ...]:
+        """The committed leaf list: complete, in order, matching ckpt_root, starting at init."""
+        history: History | None = self.artifacts.get_history(proof.ckpt_root)
+        if history is None:
+            raise MissingArtifact("history", proof.ckpt_root)
+        leaves = history.leaves
+        if compute_ckpt_root(leaves) != proof.ckpt_root:
+            raise ConsensusError("bad-ckpt-root", "the leaves do not match ckpt_root")
+        j = proof.steps // task.k
+        if len(leaves) != j + 1:
+            raise ConsensusError("bad-ckpt-count", f"{len(leaves)} leaves for {proof.steps} "
+                                                   f"steps at k={task.k}")
+        for i, leaf in enumerate(leaves):
+            if leaf.index != i or leaf.steps != i * task.k:
+                raise ConsensusError("bad-ckpt-leaf", f"leaf {i} claims index {leaf.index}, "
+                                                      f"steps {leaf.steps}")
+        zeros = to_bytes(np.zeros_like(draw.init))
+        first = leaves[0]
+        if (first.params_hash != compute_tensor_hash(to_bytes(draw.init))
+                or first.momentum_hash != compute_tensor_hash(zeros) or first.update_norm):
+            raise ConsensusError("bad-init", "checkpoint 0 is not HtoA's watermarked init")
+        return leaves
+
+    def _final_model(self, proof: Proof, draw: Draw, last: CheckpointLeaf) -> ModelBlob:
+        model = self.artifacts.get_model(proof.model_id)
+        if model is None:
+            raise MissingArtifact("model", proof.model_id)
+        if compute_model_id(model.arch, model.params) != proof.model_id:
+            raise MissingArtifact("model", proof.model_id)  # a corrupt copy: refetch
+        if model.arch != draw.arch:
+            raise ConsensusError("bad-arch", "the model is not HtoA's architecture")
+        if compute_tensor_hash(model.params) != last.params_hash:
+            raise ConsensusError("bad-model-ckpt", "the model is not the last checkpoint")
+        if not draw.signature.verify_array(from_bytes(model.params)):
+            raise ConsensusError("bad-watermark", "the model does not carry its watermark")
+        return model
+
+    def _recount(self, proof: Proof, task: Task, trainer: Trainer, model: ModelBlob) -> None:
+        params = from_bytes(model.params)
+        trainer.load(params, np.zeros_like(params))
+        recount = trainer.count_correct()
+        if abs(recount - proof.n_correct) > task.eps_correct:
+            raise ConsensusError("bad-n-correct", f"claimed {proof.n_correct}, recounted "
+                                                  f"{recount}, eps {task.eps_correct}")
+
+    def _run_audits(self, subject: _Subject, task: Task, trainer: Trainer,
+                    leaves: tuple[CheckpointLeaf, ...]) -> None:
+        """Replay the last, the largest-update and q_local secretly chosen intervals.
+
+        Interval i runs from checkpoint i to i + 1; leaf i + 1 carries its update norm.
+        """
+        j = len(leaves) - 1
+        last = j - 1
+        largest = max(range(j), key=lambda i: (leaves[i + 1].update_norm, -i))
+        public = sorted({last, largest})
+        rest = [i for i in range(j) if i not in public]
+        private = self.rng.sample(rest, min(self.q_local, len(rest)))
+        for i in public:
+            self._audit(trainer, task, self._checkpoint(subject, leaves, i),
+                        self._checkpoint(subject, leaves, i + 1))
+        for i in private:
+            start = self._checkpoint(subject, leaves, i)
+            end = self._checkpoint(subject, leaves, i + 1)
+            try:
+                self._audit(trainer, task, start, end)
+            except ConsensusError as e:
+                raise FraudFound(f"private audit of interval {i}: {e.reason}: {e.detail}",
+                                 FraudProof(subject.owner_id, start, end)) from e
+
+    def _checkpoint(self, subject: _Subject, leaves: tuple[CheckpointLeaf, ...],
+                    index: int) -> Checkpoint:
+        root = subject.proof.ckpt_root
+        ckpt = self.artifacts.get_checkpoint(root, index)
+        if ckpt is None:
+            raise MissingArtifact("checkpoint", root, index)
+        if ckpt.leaf != leaves[index] or not check_proof(
+                root, leaf_bytes(ckpt.leaf), index, len(leaves), ckpt.path):
+            raise MissingArtifact("checkpoint", root, index)  # not the committed one: refetch
+        return ckpt
+
+    def _audit(self, trainer: Trainer, task: Task, start: Checkpoint, end: Checkpoint) -> None:
+        """Replay one interval from `start` and compare with `end` (PROTOCOL.md §8.7)."""
+        signature = trainer.draw.signature
+        n = len(trainer.draw.init) * 4
+        for ckpt in (start, end):
+            leaf = ckpt.leaf
+            if (len(ckpt.params) != n or len(ckpt.momentum) != n
+                    or compute_tensor_hash(ckpt.params) != leaf.params_hash
+                    or compute_tensor_hash(ckpt.momentum) != leaf.momentum_hash):
+                raise ConsensusError("bad-ckpt-data", f"checkpoint {leaf.index} does not "
+                                                      f"match its leaf")
+        p0, m0 = from_bytes(start.params), from_bytes(start.momentum)
+        p1, m1 = from_bytes(end.params), from_bytes(end.momentum)
+        for index, params in ((start.leaf.index, p0), (end.leaf.index, p1)):
+            if not signature.verify_array(params):
+                raise ConsensusError("bad-watermark", f"checkpoint {index} lacks the watermark")
+        tolerance = task.delta_ppm / 1e6
+        committed = end.leaf.update_norm
+        if abs(compute_update_norm(p0, p1) - committed) > tolerance * committed + 1:
+            raise ConsensusError("bad-update-norm", f"interval {start.leaf.index}: committed "
+                                                    f"{committed / NORM_SCALE}")
+        trainer.load(p0, m0)
+        trainer.train(start.leaf.steps, task.k)
+        replayed_p, replayed_m = trainer.snapshot()
+        distance = max(compute_relative_distance(replayed_p, p1),
+                       compute_relative_distance(replayed_m, m1))
+        if distance * 1e6 > task.delta_ppm:
+            raise ConsensusError("bad-replay", f"interval {start.leaf.index} replays "
+                                               f"{distance * 1e6:.1f} ppm away, "
+                                               f"delta {task.delta_ppm}")
+
+    def _trainer(self, draw: Draw, task: Task) -> Trainer:
+        return Trainer(draw, self.data.resident(task.dataset, self.device), self.device)

@@ -1,0 +1,61 @@
+"""Models, training histories and checkpoints on disk, by content (PROTOCOL.md §8).
+
+Everything here is content-addressed (a model by model_id, a history and its
+checkpoints by ckpt_root), so a record is checked against its key when it is stored
+and cannot be overwritten with something else. The seal engine reads from here
+(mining.artifacts.ArtifactSource); the miner and, later, the P2P layer write.
+"""
+
+from typing import Any
+
+from consensus.checkpoints import Checkpoint, History, compute_ckpt_root, leaf_bytes
+from consensus.encoding import Hash, encode
+from consensus.merkle import check_proof
+from consensus.models import ModelBlob, compute_model_id
+from storage import schema
+from storage.db import Database, decode_record
+
+
+class ArtifactStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add_model(self, model_id: Hash, blob: ModelBlob) -> None:
+        if compute_model_id(blob.arch, blob.params) != model_id:
+            raise ValueError(f"model {model_id.hex()}: the bytes hash to another id")
+        self.db.db.put(schema.model_key(model_id), encode(blob), sync=True)
+
+    def get_model(self, model_id: Hash) -> ModelBlob | None:
+        return self._get(ModelBlob, schema.model_key(model_id))
+
+    def add_history(self, ckpt_root: Hash, history: History) -> None:
+        if compute_ckpt_root(history.leaves) != ckpt_root:
+            raise ValueError(f"history {ckpt_root.hex()}: the leaves hash to another root")
+        self.db.db.put(schema.history_key(ckpt_root), encode(history))
+
+    def get_history(self, ckpt_root: Hash) -> History | None:
+        return self._get(History, schema.history_key(ckpt_root))
+
+    def add_checkpoint(self, ckpt_root: Hash, checkpoint: Checkpoint) -> None:
+        """Store a checkpoint whose Merkle path leads to `ckpt_root` (its tensors are
+        checked against the leaf by whoever audits it)."""
+        history = self.get_history(ckpt_root)
+        size = len(history.leaves) if history else None
+        index = checkpoint.leaf.index
+        if size is None or not check_proof(ckpt_root, leaf_bytes(checkpoint.leaf), index,
+                                           size, checkpoint.path):
+            raise ValueError(f"checkpoint {index} is not committed by {ckpt_root.hex()}")
+        self.db.db.put(schema.checkpoint_key(ckpt_root, index), encode(checkpoint))
+
+    def get_checkpoint(self, ckpt_root: Hash, index: int) -> Checkpoint | None:
+        return self._get(Checkpoint, schema.checkpoint_key(ckpt_root, index))
+
+    def prune_checkpoints(self, ckpt_root: Hash) -> None:
+        """Drop a history's checkpoints (the leaves stay: they are small)."""
+        with self.db.write_batch() as batch:
+            for key, _ in self.db.iterate(schema.checkpoint_prefix(ckpt_root)):
+                batch.delete(key)
+
+    def _get(self, tp: type, key: bytes) -> Any:
+        raw = self.db.get(key)
+        return None if raw is None else decode_record(tp, raw, f"{tp.__name__} {key.hex()}")
