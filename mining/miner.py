@@ -8,6 +8,7 @@ one interval and starts a new job on the new tip.
 
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -30,7 +31,7 @@ from consensus.params import ChainParams
 from consensus.proofs import Proof, check_target, compute_posthash
 from consensus.tasks import Task, compute_task_id
 from mining.htoa import compute_htoa
-from mining.trainer import DeviceData, Trainer, compute_update_norm, to_bytes
+from mining.trainer import DeviceData, Snapshot, Trainer, compute_update_norm, to_bytes
 
 PREHASH_BATCH = 4096  # nonces between two looks at `stop`: about 5 ms
 U64_LIMIT = 1 << 64
@@ -119,6 +120,16 @@ def search_prehash(prev_id: Hash, task_id: Hash, ref_model: bytes, miner: bytes,
     return None
 
 
+def _seal(snapshot: Snapshot, previous: np.ndarray, index: int, steps: int
+          ) -> tuple[CheckpointLeaf, bytes, bytes, np.ndarray, int | None]:
+    """Wait for a captured checkpoint and commit to it: its leaf, tensor bytes and count."""
+    params, momentum, n_correct = snapshot.wait()
+    params_b, momentum_b = to_bytes(params), to_bytes(momentum)
+    leaf = CheckpointLeaf(index, steps, compute_tensor_hash(params_b),
+                          compute_tensor_hash(momentum_b), compute_update_norm(previous, params))
+    return leaf, params_b, momentum_b, params, n_correct
+
+
 def mine(job: Job, data: DeviceData, stop: Callable[[], bool], *, nonce: int = 0,
          device: torch.device | str = "cpu") -> Iterator[Solution]:
     """Mine on `job` until a block is found (yielded last) or `stop()` is true.
@@ -127,52 +138,60 @@ def mine(job: Job, data: DeviceData, stop: Callable[[], bool], *, nonce: int = 0
     PreHash draw (our choice: a draw's later checkpoints refine the same run, and one
     reference point per run is enough), and only for models at least t_min accurate,
     since a worse model is no use to reference.
+
+    Checkpoint j is committed (copied out, hashed, its PostHash drawn) while interval
+    j + 1 trains, so the device never waits for the host; when j turns out to be a
+    block, the one interval trained past it is discarded.
     """
     task, ref = job.task, job.reference
     task_id = compute_task_id(task)
     ref_id = ref.model_id if ref else b""
     ref_steps = ref.total_steps if ref else 0
-    while not stop():
-        found = search_prehash(job.prev_id, task_id, ref_id, job.miner, job.params.t1,
-                               nonce, PREHASH_BATCH)
-        if found is None:
-            nonce += PREHASH_BATCH
-            continue
-        nonce, h1 = found
-        draw = compute_htoa(task, h1, ref.blob if ref else None)
-        trainer = Trainer(draw, data, device)
-        zeros = np.zeros_like(draw.init)
-        leaves = [CheckpointLeaf(0, 0, compute_tensor_hash(to_bytes(draw.init)),
-                                 compute_tensor_hash(to_bytes(zeros)), 0)]
-        tensors = [(to_bytes(draw.init), to_bytes(zeros))]
-        previous = draw.init
-        mtx_sent = False
-        for j in range(1, task.s_max // task.k + 1):
-            trainer.train((j - 1) * task.k, task.k)
-            params, momentum = trainer.snapshot()
-            params_b, momentum_b = to_bytes(params), to_bytes(momentum)
-            leaves.append(CheckpointLeaf(j, j * task.k, compute_tensor_hash(params_b),
-                                         compute_tensor_hash(momentum_b),
-                                         compute_update_norm(previous, params)))
-            tensors.append((params_b, momentum_b))
-            previous = params
-            steps = j * task.k
-            if steps + ref_steps >= task.s_min:
-                n_correct = trainer.count_correct()
-                h2 = compute_posthash(h1, steps, n_correct)
-                is_block = n_correct >= job.block_floor and check_target(h2, job.t2)
-                is_mtx = (not mtx_sent and n_correct >= task.t_min
-                          and check_target(h2, job.t2_mtx))
-                if is_block or is_mtx:
-                    model = ModelBlob(draw.arch, params_b)
-                    proof = Proof(task_id, ref_id, job.miner, nonce, steps, n_correct,
-                                  compute_model_id(draw.arch, params_b),
-                                  compute_ckpt_root(leaves))
-                    yield Solution("block" if is_block else "mtx", job.prev_id, proof, model,
-                                   History(tuple(leaves)), tuple(tensors))
-                    if is_block:
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
+        while not stop():
+            found = search_prehash(job.prev_id, task_id, ref_id, job.miner, job.params.t1,
+                                   nonce, PREHASH_BATCH)
+            if found is None:
+                nonce += PREHASH_BATCH
+                continue
+            nonce, h1 = found
+            draw = compute_htoa(task, h1, ref.blob if ref else None)
+            trainer = Trainer(draw, data, device)
+            zeros = to_bytes(np.zeros_like(draw.init))
+            init = to_bytes(draw.init)
+            leaves = [CheckpointLeaf(0, 0, compute_tensor_hash(init),
+                                     compute_tensor_hash(zeros), 0)]
+            tensors = [(init, zeros)]
+            previous = draw.init
+            pending: Future | None = None
+            mtx_sent = False
+            last = task.s_max // task.k
+            for j in range(1, last + 2):
+                if j <= last:
+                    trainer.train((j - 1) * task.k, task.k)
+                    snapshot = trainer.capture(evaluate=j * task.k + ref_steps >= task.s_min)
+                if pending is not None:  # commit checkpoint j - 1 while interval j trains
+                    leaf, params_b, momentum_b, previous, n_correct = pending.result()
+                    leaves.append(leaf)
+                    tensors.append((params_b, momentum_b))
+                    pending = None
+                    if n_correct is not None:
+                        h2 = compute_posthash(h1, leaf.steps, n_correct)
+                        is_block = n_correct >= job.block_floor and check_target(h2, job.t2)
+                        is_mtx = (not mtx_sent and n_correct >= task.t_min
+                                  and check_target(h2, job.t2_mtx))
+                        if is_block or is_mtx:
+                            proof = Proof(task_id, ref_id, job.miner, nonce, leaf.steps,
+                                          n_correct, compute_model_id(draw.arch, params_b),
+                                          compute_ckpt_root(leaves))
+                            yield Solution("block" if is_block else "mtx", job.prev_id, proof,
+                                           ModelBlob(draw.arch, params_b),
+                                           History(tuple(leaves)), tuple(tensors))
+                            if is_block:
+                                return
+                            mtx_sent = True
+                if j <= last:
+                    if stop():
                         return
-                    mtx_sent = True
-            if stop():
-                return
-        nonce += 1
+                    pending = pool.submit(_seal, snapshot, previous, j, j * task.k)
+            nonce += 1

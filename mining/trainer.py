@@ -161,14 +161,52 @@ class Trainer:
 
     def count_correct(self) -> int:
         """Correct predictions on the validation split: one host sync."""
-        return count_correct(self.model, self.data.val_x, self.data.val_y)
+        return int(compute_correct(self.model, self.data.val_x, self.data.val_y))
+
+    def capture(self, evaluate: bool) -> "Snapshot":
+        """The current parameters, momentum and (if asked) validation count, copied out
+        without waiting: on CUDA the copies land in pinned memory behind an event, so
+        training goes on while a worker thread hashes the previous checkpoint."""
+        with torch.no_grad():
+            correct = (compute_correct(self.model, self.data.val_x, self.data.val_y)
+                       if evaluate else None)
+            if self.device.type != "cuda":
+                return Snapshot(self.flat.clone(), self.momentum.clone(), correct, None)
+            params = torch.empty(self.flat.shape, dtype=torch.float32, pin_memory=True)
+            momentum = torch.empty_like(params, pin_memory=True)
+            params.copy_(self.flat, non_blocking=True)
+            momentum.copy_(self.momentum, non_blocking=True)
+            if correct is not None:
+                correct = torch.empty((), dtype=torch.int64, pin_memory=True).copy_(
+                    correct, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            return Snapshot(params, momentum, correct, event)
 
 
-def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
-    """How many of `images` the model classifies as `labels` (argmax, first on ties)."""
+@dataclass(frozen=True, slots=True, eq=False)
+class Snapshot:
+    """A checkpoint on its way to the host (see Trainer.capture)."""
+
+    params: torch.Tensor
+    momentum: torch.Tensor
+    correct: torch.Tensor | None
+    event: "torch.cuda.Event | None"
+
+    def wait(self) -> tuple[np.ndarray, np.ndarray, int | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        correct = None if self.correct is None else int(self.correct)
+        return self.params.numpy(), self.momentum.numpy(), correct
+
+
+def compute_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                    ) -> torch.Tensor:
+    """How many of `images` the model classifies as `labels` (argmax, first on ties), as
+    a tensor on their device: reading it is the caller's host sync."""
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
     with torch.no_grad():
         for lo in range(0, len(labels), EVAL_CHUNK):
             logits = model(images[lo:lo + EVAL_CHUNK])
             correct += (logits.argmax(dim=1) == labels[lo:lo + EVAL_CHUNK]).sum()
-    return int(correct)
+    return correct
