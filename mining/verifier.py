@@ -69,6 +69,13 @@ class _Subject:
     proof: Proof
 
 
+def _check_tensors(ckpt: Checkpoint) -> bool:
+    """True when a served checkpoint's tensors are the ones its leaf commits to. A
+    mismatch says the copy is bad, not the miner: the tensors' hashes are in the leaf."""
+    return (compute_tensor_hash(ckpt.params) == ckpt.leaf.params_hash
+            and compute_tensor_hash(ckpt.momentum) == ckpt.leaf.momentum_hash)
+
+
 def compute_relative_distance(replayed: np.ndarray, committed: np.ndarray) -> float:
     """||replayed − committed||₂ / ||committed||₂ in float64 (0 when both are zero)."""
     diff = replayed.astype(np.float64) - committed.astype(np.float64)
@@ -123,8 +130,9 @@ class DPoDLEngine:
         for ckpt in (start, end):
             if not (ckpt.leaf.index <= j
                     and check_proof(proof.ckpt_root, leaf_bytes(ckpt.leaf), ckpt.leaf.index,
-                                    j + 1, ckpt.path)):
-                return False
+                                    j + 1, ckpt.path)
+                    and _check_tensors(ckpt)):
+                return False  # the accuser's data is not what the miner committed
         try:
             h1 = compute_prehash(prev_id, proof)
             draw = compute_htoa(task, h1, self._reference(proof, task))
@@ -178,7 +186,7 @@ class DPoDLEngine:
             raise MissingArtifact("history", proof.ckpt_root)
         leaves = history.leaves
         if compute_ckpt_root(leaves) != proof.ckpt_root:
-            raise ConsensusError("bad-ckpt-root", "the leaves do not match ckpt_root")
+            raise MissingArtifact("history", proof.ckpt_root)  # a corrupt copy: refetch
         j = proof.steps // task.k
         if len(leaves) != j + 1:
             raise ConsensusError("bad-ckpt-count", f"{len(leaves)} leaves for {proof.steps} "
@@ -246,7 +254,7 @@ class DPoDLEngine:
         ckpt = self.artifacts.get_checkpoint(root, index)
         if ckpt is None:
             raise MissingArtifact("checkpoint", root, index)
-        if ckpt.leaf != leaves[index] or not check_proof(
+        if ckpt.leaf != leaves[index] or not _check_tensors(ckpt) or not check_proof(
                 root, leaf_bytes(ckpt.leaf), index, len(leaves), ckpt.path):
             raise MissingArtifact("checkpoint", root, index)  # not the committed one: refetch
         return ckpt
@@ -256,12 +264,9 @@ class DPoDLEngine:
         signature = trainer.draw.signature
         n = len(trainer.draw.init) * 4
         for ckpt in (start, end):
-            leaf = ckpt.leaf
-            if (len(ckpt.params) != n or len(ckpt.momentum) != n
-                    or compute_tensor_hash(ckpt.params) != leaf.params_hash
-                    or compute_tensor_hash(ckpt.momentum) != leaf.momentum_hash):
-                raise ConsensusError("bad-ckpt-data", f"checkpoint {leaf.index} does not "
-                                                      f"match its leaf")
+            if len(ckpt.params) != n or len(ckpt.momentum) != n:
+                raise ConsensusError("bad-ckpt-data", f"checkpoint {ckpt.leaf.index} does not "
+                                                      f"fit the architecture")
         p0, m0 = from_bytes(start.params), from_bytes(start.momentum)
         p1, m1 = from_bytes(end.params), from_bytes(end.momentum)
         for index, params in ((start.leaf.index, p0), (end.leaf.index, p1)):
