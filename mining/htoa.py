@@ -153,6 +153,8 @@ class DataOrder:
 
     def indices(self, start_step: int, n_steps: int) -> np.ndarray:
         """The row indices of steps start_step .. start_step + n_steps − 1, (n_steps, batch)."""
+        if n_steps == 0:
+            return np.empty((0, self.batch), dtype=np.int64)
         first = start_step * self.batch
         last = (start_step + n_steps) * self.batch  # exclusive
         e0, e1 = first // self.n, (last - 1) // self.n

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from consensus.checkpoints import NORM_SCALE
-from consensus.models import CNN_KERNEL, Arch, compute_param_shapes
+from consensus.models import CNN_KERNEL, Arch, compute_param_count, compute_param_shapes
 from consensus.tasks import FAMILY_MLP, Dataset
 from mining.datasets import Splits, load_dataset
 from mining.htoa import DataOrder, Draw
@@ -113,6 +113,8 @@ class Trainer:
         self.model = build_model(draw.arch).to(self.device)
         self.flat = torch.empty(len(draw.init), dtype=torch.float32, device=self.device)
         self.momentum = torch.zeros_like(self.flat)
+        if len(draw.init) != compute_param_count(draw.arch):
+            raise ValueError("initial parameters do not fit the architecture")
         self.params: list[torch.Tensor] = []
         self.buffers: list[torch.Tensor] = []
         offset = 0
@@ -127,8 +129,6 @@ class Trainer:
                 self.params.append(getattr(module, name))
                 self.buffers.append(self.momentum[offset:offset + n].view(shape))
                 offset += n
-        if offset != len(draw.init):
-            raise ValueError("initial parameters do not fit the architecture")
         self.order = DataOrder(draw.data_seed, len(data.train_y), draw.hpp.batch)
         self.load(draw.init, np.zeros_like(draw.init))
 

@@ -8,7 +8,13 @@ and cannot be overwritten with something else. The seal engine reads from here
 
 from typing import Any
 
-from consensus.checkpoints import Checkpoint, History, compute_ckpt_root, leaf_bytes
+from consensus.checkpoints import (
+    Checkpoint,
+    History,
+    compute_ckpt_root,
+    compute_tensor_hash,
+    leaf_bytes,
+)
 from consensus.encoding import Hash, encode
 from consensus.merkle import check_proof
 from consensus.models import ModelBlob, compute_model_id
@@ -37,13 +43,15 @@ class ArtifactStore:
         return self._get(History, schema.history_key(ckpt_root))
 
     def add_checkpoint(self, ckpt_root: Hash, checkpoint: Checkpoint) -> None:
-        """Store a checkpoint whose Merkle path leads to `ckpt_root` (its tensors are
-        checked against the leaf by whoever audits it)."""
+        """Store a checkpoint whose Merkle path leads to `ckpt_root` and whose tensors are
+        the ones its leaf commits to."""
         history = self.get_history(ckpt_root)
         size = len(history.leaves) if history else None
-        index = checkpoint.leaf.index
-        if size is None or not check_proof(ckpt_root, leaf_bytes(checkpoint.leaf), index,
-                                           size, checkpoint.path):
+        leaf, index = checkpoint.leaf, checkpoint.leaf.index
+        if (size is None
+                or not check_proof(ckpt_root, leaf_bytes(leaf), index, size, checkpoint.path)
+                or compute_tensor_hash(checkpoint.params) != leaf.params_hash
+                or compute_tensor_hash(checkpoint.momentum) != leaf.momentum_hash):
             raise ValueError(f"checkpoint {index} is not committed by {ckpt_root.hex()}")
         self.db.db.put(schema.checkpoint_key(ckpt_root, index), encode(checkpoint))
 

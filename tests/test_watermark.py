@@ -135,3 +135,73 @@ def test_disjoint_signatures_coexist():
     a.sign(model)
     b.sign(model)
     assert a.verify(model) and b.verify(model)  # sign writes nothing outside its indices
+
+
+# ---- the flat and numpy forms the trainer and the verifier use ------------------------
+
+def flat_views(model: nn.Module) -> torch.Tensor:
+    """Make every parameter of `model` a view of one flat buffer (as the Trainer does)."""
+    flat_buf = flat(model).clone()
+    offset = 0
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            view = flat_buf[offset:offset + p.numel()].view(p.shape)
+            setattr(module, name, nn.Parameter(view))
+            offset += p.numel()
+    assert offset == len(flat_buf)
+    return flat_buf
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_sign_flat_equals_sign_on_the_model_it_backs(make):
+    model, reference = make(), make()
+    buf = flat_views(model)
+    size = n_params(model) // 3  # spans every tensor
+    sig = Signature(b"f" * 32, size)
+    idx, _ = sig.draws(n_params(model))
+    bounds = np.cumsum([p.numel() for p in model.parameters()])
+    assert len(set(np.searchsorted(bounds, idx, side="right").tolist())) == len(bounds)
+    sig.sign_flat(buf)
+    sig.sign(reference)
+    assert torch.equal(buf, flat(reference))
+    assert torch.equal(flat(model), buf)  # the model sees the stamp through its views
+    assert sig.verify(model)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_sign_array_and_verify_array_agree_with_the_module_forms(make):
+    model = make()
+    sig = Signature(b"g" * 32, 40)
+    raw = flat(model).numpy().copy()
+    assert sig.verify_array(raw) is sig.verify(model) is False
+    stamped = sig.sign_array(raw)
+    assert np.array_equal(raw, flat(model).numpy())  # a copy: the input is untouched
+    sig.sign(model)
+    assert np.array_equal(stamped, flat(model).numpy())
+    assert stamped.dtype == np.float32
+    assert sig.verify_array(stamped) is sig.verify(model) is True
+
+
+@pytest.mark.parametrize("delta,passes", [(5e-7, True), (-5e-7, True), (3e-6, False),
+                                          (-3e-6, False)])
+def test_verify_array_tolerance_is_absolute(delta, passes):
+    sig = Signature(b"h" * 32, 20)
+    stamped = sig.sign_array(np.zeros(500, np.float32))
+    idx, weights = sig.draws(500)
+    nudged = stamped.copy()
+    nudged[idx[7]] = np.float32(float(weights[7]) + delta)
+    assert sig.verify_array(nudged) is passes
+
+
+def test_draws_depend_on_the_parameter_count():
+    sig = Signature(b"d" * 32, 10)
+    a, b = sig.draws(1000), sig.draws(1001)
+    assert not np.array_equal(a[0], b[0])
+    assert sig.draws(1000) is a  # cached per count
+    assert len(set(a[0].tolist())) == 10 and a[0].min() >= 0 and a[0].max() < 1000
+    assert ((a[1] >= -1) & (a[1] < 1)).all() and a[1].dtype == np.float32
+
+
+def test_sign_flat_refuses_a_buffer_too_small():
+    with pytest.raises(ValueError, match="does not fit"):
+        Signature(b"s", 11).sign_flat(torch.zeros(10))
