@@ -85,6 +85,11 @@ def compute_param_count(arch: Arch) -> int:
     return total
 
 
+def check_params_fit(blob: ModelBlob) -> bool:
+    """True when a model file's parameter bytes are exactly its architecture's float32s."""
+    return len(blob.params) == compute_param_count(blob.arch) * 4
+
+
 def check_arch_in_space(arch: Arch, task: Task) -> bool:
     """True when `arch` is one HtoA could draw for `task` (a reference model must be)."""
     space, ds = task.arch, task.dataset

@@ -40,7 +40,7 @@ from consensus.checkpoints import (
 from consensus.encoding import Hash
 from consensus.errors import ConsensusError
 from consensus.merkle import check_proof
-from consensus.models import ModelBlob, check_arch_in_space, compute_model_id
+from consensus.models import ModelBlob, check_arch_in_space, check_params_fit, compute_model_id
 from consensus.params import ChainParams
 from consensus.proofs import Proof, check_target, compute_posthash, compute_prehash
 from consensus.tasks import Task
@@ -177,6 +177,9 @@ class DPoDLEngine:
         if not check_arch_in_space(blob.arch, task):
             raise ConsensusError("bad-ref-arch", "the reference is not an architecture "
                                                  "of this task")
+        if not check_params_fit(blob):
+            raise ConsensusError("bad-ref-model", "the reference's parameters do not fit "
+                                                  "its architecture")
         return blob
 
     def _history(self, proof: Proof, task: Task, draw: Draw) -> tuple[CheckpointLeaf, ...]:
@@ -210,6 +213,9 @@ class DPoDLEngine:
             raise MissingArtifact("model", proof.model_id)  # a corrupt copy: refetch
         if model.arch != draw.arch:
             raise ConsensusError("bad-arch", "the model is not HtoA's architecture")
+        if not check_params_fit(model):
+            raise ConsensusError("bad-model-size", "the model's parameters do not fit "
+                                                   "its architecture")
         if compute_tensor_hash(model.params) != last.params_hash:
             raise ConsensusError("bad-model-ckpt", "the model is not the last checkpoint")
         if not draw.signature.verify_array(from_bytes(model.params)):
