@@ -149,6 +149,7 @@ class Trainer:
         idx = torch.from_numpy(self.order.indices(start_step, n_steps)).to(
             self.device, non_blocking=True)
         x_all, y_all = self.data.train_x, self.data.train_y
+        stamp = self.draw.signature.flat_stamp(self.flat)
         for s in range(n_steps):
             rows = idx[s]
             loss = F.cross_entropy(self.model(x_all[rows]), y_all[rows])
@@ -157,7 +158,8 @@ class Trainer:
                 torch._foreach_mul_(self.buffers, momentum)
                 torch._foreach_add_(self.buffers, grads)
                 torch._foreach_add_(self.params, self.buffers, alpha=-lr)
-            self.draw.signature.sign_flat(self.flat)
+                if stamp is not None:
+                    self.flat.put_(*stamp)
 
     def count_correct(self) -> int:
         """Correct predictions on the validation split: one host sync."""

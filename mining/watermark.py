@@ -9,7 +9,7 @@ depend on n, so they are derived per parameter count and cached.
 
 Training calls `sign` after every optimizer step, so it must stay cheap: the positions
 are split per parameter once per model layout and kept on the parameters' devices,
-and signing is then one flat scatter (put_) per watermarked parameter, with no host sync.
+and signing is then one scatter (put_) per watermarked parameter, with no host sync.
 """
 
 import numpy as np
@@ -96,11 +96,13 @@ class Signature:
             for pos, idx, w in self._bind(params):
                 params[pos].put_(idx, w)
 
-    def sign_flat(self, flat: torch.Tensor) -> None:
-        """`sign` for a model whose parameters are views of one flat buffer: one scatter."""
-        with torch.no_grad():
-            for _, idx, w in self._bind([flat]):
-                flat.put_(idx, w)
+    def flat_stamp(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The flat indices and weights, on `flat`'s device, that stamp a model whose
+        parameters are views of one flat buffer: `flat.put_(*stamp)` under no_grad. None
+        for a signature of size 0. Bound once, outside the training loop, the stamp then
+        costs one scatter per step (about 1 µs of dispatch on a CPU)."""
+        groups = self._bind([flat])
+        return (groups[0][1], groups[0][2]) if groups else None
 
     def sign_array(self, params: np.ndarray) -> np.ndarray:
         """A stamped copy of flat float32 `params` (a model's parameters in declared order)."""

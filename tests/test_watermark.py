@@ -153,7 +153,7 @@ def flat_views(model: nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("make", [mlp, cnn])
-def test_sign_flat_equals_sign_on_the_model_it_backs(make):
+def test_flat_stamp_equals_sign_on_the_model_it_backs(make):
     model, reference = make(), make()
     buf = flat_views(model)
     size = n_params(model) // 3  # spans every tensor
@@ -161,7 +161,8 @@ def test_sign_flat_equals_sign_on_the_model_it_backs(make):
     idx, _ = sig.draws(n_params(model))
     bounds = np.cumsum([p.numel() for p in model.parameters()])
     assert len(set(np.searchsorted(bounds, idx, side="right").tolist())) == len(bounds)
-    sig.sign_flat(buf)
+    with torch.no_grad():
+        buf.put_(*sig.flat_stamp(buf))
     sig.sign(reference)
     assert torch.equal(buf, flat(reference))
     assert torch.equal(flat(model), buf)  # the model sees the stamp through its views
@@ -202,6 +203,10 @@ def test_draws_depend_on_the_parameter_count():
     assert ((a[1] >= -1) & (a[1] < 1)).all() and a[1].dtype == np.float32
 
 
-def test_sign_flat_refuses_a_buffer_too_small():
+def test_flat_stamp_refuses_a_buffer_too_small():
     with pytest.raises(ValueError, match="does not fit"):
-        Signature(b"s", 11).sign_flat(torch.zeros(10))
+        Signature(b"s", 11).flat_stamp(torch.zeros(10))
+
+
+def test_flat_stamp_of_size_zero_is_none():
+    assert Signature(b"s", 0).flat_stamp(torch.zeros(10)) is None
