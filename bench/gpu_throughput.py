@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from bench.common import add_data_args, start
 from consensus.params import DEV, TESTNET
-from consensus.tasks import FAMILY_CNN, FAMILY_MLP, Task, compute_task_id
+from consensus.tasks import CNN_K_MAX, FAMILY_CNN, FAMILY_MLP, Task, compute_task_id
 from mining import miner
 from mining.htoa import Draw, compute_htoa
 from mining.miner import PREHASH_BATCH, Job, mine, search_prehash
@@ -50,7 +50,8 @@ MINER_KEY = bytes(32)
 def space(task: Task, family: int, depth: tuple[int, int], width: tuple[int, int]) -> Task:
     arch = dataclasses.replace(task.arch, family=family, depth_min=depth[0],
                                depth_max=depth[1], width_min=width[0], width_max=width[1])
-    return dataclasses.replace(task, arch=arch)
+    k = min(task.k, CNN_K_MAX) if family == FAMILY_CNN else task.k
+    return dataclasses.replace(task, arch=arch, k=k)
 
 
 CASES: dict[str, Task] = {
@@ -323,9 +324,8 @@ def main() -> None:
     start("bench.gpu_throughput", args)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")
-          + f"; TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, "
-            f"cuDNN {torch.backends.cudnn.allow_tf32} (PyTorch defaults, as the miner runs)")
+          + (f", {torch.cuda.get_device_name(device)}; every contender in full float32 "
+             "(the Trainer turns TF32 off, globally)" if device.type == "cuda" else ""))
     cache = DataCache(args.data_dir)
     results = [bench_case(c, CASES[c], cache, device, args.steps, args.reps)
                for c in args.cases.split(",")]

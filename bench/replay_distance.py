@@ -26,17 +26,18 @@ from bench.common import default_data_dir, start
 from consensus.checkpoints import Checkpoint, CheckpointLeaf, compute_tensor_hash
 from consensus.errors import ConsensusError
 from consensus.params import DEV, TESTNET
-from consensus.tasks import FAMILY_CNN, Task
+from consensus.tasks import CNN_K_MAX, FAMILY_CNN, Task
 from mining.htoa import compute_htoa
 from mining.trainer import DataCache, Trainer, compute_update_norm, to_bytes
-from mining.verifier import DPoDLEngine, compute_relative_distance
+from mining.verifier import DPoDLEngine, compute_relative_distance, compute_replay_distance
 
 
 def cnn_task(task: Task, depth_max: int) -> Task:
-    """`task` with its architecture space swapped for small CNNs (3×3 conv, ReLU, pool)."""
+    """`task` with its architecture space swapped for small CNNs (3×3 conv, ReLU, pool),
+    and k capped as validate_task caps it for CNNs."""
     arch = dataclasses.replace(task.arch, family=FAMILY_CNN, depth_min=1, depth_max=depth_max,
                                width_min=8, width_max=32)
-    return dataclasses.replace(task, arch=arch)
+    return dataclasses.replace(task, arch=arch, k=min(task.k, CNN_K_MAX))
 
 
 CASES: dict[str, Task] = {
@@ -66,14 +67,14 @@ class Config:
 
 
 def parse_config(text: str, all_threads: int) -> Config:
-    """cpu:N (N threads; plain `cpu`: all cores), cuda (PyTorch's defaults: matmul in
-    full float32, cuDNN convolutions in TF32), cuda+tf32 (TF32 in both, as a miner chasing
-    speed would set), cuda-fp32 (TF32 in neither), cuda-det (TF32 in neither and cuDNN's
-    deterministic algorithms: what a verifier replaying on a GPU should set)."""
+    """cpu:N (N threads; plain `cpu`: all cores), cuda (the Trainer's own setting: full
+    float32), cuda-torch (PyTorch's defaults: cuDNN convolutions in TF32), cuda+tf32 (TF32
+    in matmuls too, as a miner chasing speed might set), cuda-det (full float32 and cuDNN's
+    deterministic algorithms)."""
     if text == "cpu" or text.startswith("cpu:"):
         threads = int(text[4:]) if text.startswith("cpu:") else all_threads
         return Config(f"cpu:{threads}", "cpu", threads, False, True)
-    flags = {"cuda": (False, True), "cuda+tf32": (True, True), "cuda-fp32": (False, False),
+    flags = {"cuda": (False, False), "cuda-torch": (False, True), "cuda+tf32": (True, True),
              "cuda-det": (False, False, True)}
     if text not in flags:
         raise ValueError(f"unknown configuration {text!r}")
@@ -87,8 +88,9 @@ class Record:
     draw: int
     interval: int
     params_ppm: float
-    momentum_ppm: float
+    momentum_ppm: float  # the momentum's error in parameter units (compute_replay_distance)
     update_ppm: float  # ||p_{i+1} - p_i|| / ||p_{i+1}||: how far the interval itself moved
+    count_diff: int  # |validation count of p_{i+1} here − the count where it was trained|
     reject: str  # the verifier's reason, or "" when the interval passed
 
 
@@ -104,31 +106,36 @@ def make_checkpoint(index: int, k: int, params: np.ndarray, momentum: np.ndarray
 
 
 def train_history(task: Task, h1: bytes, cache: DataCache, config: Config, n_intervals: int,
-                  audited: set[int]) -> dict[int, Checkpoint]:
+                  audited: set[int]) -> tuple[dict[int, Checkpoint], dict[int, int]]:
     """Train draw h1 for n_intervals intervals of k steps on `config`, keeping the
-    checkpoints that start or end an audited interval."""
-    config.apply()
+    checkpoints that start or end an audited interval, and the validation count of
+    each interval's end (what a miner would claim there)."""
     draw = compute_htoa(task, h1)
     trainer = Trainer(draw, cache.resident(task.dataset, config.device), config.device)
+    config.apply()  # after the Trainer, which turns TF32 off: cuda+tf32 turns it back on
     keep = audited | {i + 1 for i in audited}
     previous = draw.init
     kept = {0: make_checkpoint(0, task.k, draw.init, np.zeros_like(draw.init), None)}
+    counts = {}
     for i in range(1, n_intervals + 1):
         trainer.train((i - 1) * task.k, task.k)
         if i in keep or i + 1 in keep:  # the update norm needs the one before too
             params, momentum = trainer.snapshot()
             if i in keep:
                 kept[i] = make_checkpoint(i, task.k, params, momentum, previous)
+                counts[i] = trainer.count_correct()
             previous = params
-    return kept
+    return kept, counts
 
 
 def replay(task: Task, h1: bytes, cache: DataCache, config: Config,
-           kept: dict[int, Checkpoint], audited: list[int], draw_no: int) -> list[Record]:
-    """Audit each interval through the verifier's check, then measure its distances."""
-    config.apply()
+           kept: dict[int, Checkpoint], counts: dict[int, int], audited: list[int],
+           draw_no: int) -> list[Record]:
+    """Audit each interval through the verifier's check, then measure its distances, and
+    recount the committed end checkpoint as the verifier's recount would (§8 step 5)."""
     engine = DPoDLEngine(None, cache, device=config.device)  # type: ignore[arg-type]
     trainer = engine._trainer(compute_htoa(task, h1), task)
+    config.apply()
     records = []
     for i in audited:
         start, end = kept[i], kept[i + 1]
@@ -141,22 +148,28 @@ def replay(task: Task, h1: bytes, cache: DataCache, config: Config,
         p0 = np.frombuffer(start.params, dtype="<f4")
         p1 = np.frombuffer(end.params, dtype="<f4")
         m1 = np.frombuffer(end.momentum, dtype="<f4")
-        records.append(Record(draw_no, i, compute_relative_distance(params, p1) * 1e6,
-                              compute_relative_distance(momentum, m1) * 1e6,
-                              compute_relative_distance(p0, p1) * 1e6, reason))
+        trainer.load(p1, m1)
+        count_diff = abs(trainer.count_correct() - counts[i + 1])
+        dp, dm = compute_replay_distance(trainer.draw.hpp, (params, momentum), (p1, m1))
+        records.append(Record(draw_no, i, dp * 1e6, dm * 1e6,
+                              compute_relative_distance(p0, p1) * 1e6, count_diff, reason))
     return records
 
 
 def forged_rejected(task: Task, h1: bytes, cache: DataCache, config: Config,
                     start: Checkpoint, end: Checkpoint) -> bool:
     """The harness's negative control: the same interval with the end checkpoint's momentum
-    scaled by 1 + 2·delta (re-hashed, so only the replay can catch it) must be rejected
-    as bad-replay."""
-    config.apply()
+    pushed 2·delta off in parameter units (compute_replay_distance; re-hashed, so only the
+    replay can catch it) must be rejected as bad-replay."""
     engine = DPoDLEngine(None, cache, device=config.device)  # type: ignore[arg-type]
     trainer = engine._trainer(compute_htoa(task, h1), task)
-    momentum = np.frombuffer(end.momentum, dtype="<f4") * np.float32(1 + 2 * task.delta_ppm / 1e6)
+    config.apply()
     params = np.frombuffer(end.params, dtype="<f4")
+    hpp = trainer.draw.hpp
+    noise = np.random.default_rng(0).standard_normal(len(params))
+    scale = 2 * task.delta_ppm / 1e6 * np.linalg.norm(params) * (1 - hpp.momentum) / hpp.lr
+    momentum = (np.frombuffer(end.momentum, dtype="<f4")
+                + noise * (scale / np.linalg.norm(noise))).astype(np.float32)
     forged = make_checkpoint(end.leaf.index, task.k, params, momentum, None)
     forged = dataclasses.replace(forged, leaf=dataclasses.replace(
         forged.leaf, update_norm=end.leaf.update_norm))
@@ -183,6 +196,7 @@ def summarise(records: list[Record], delta_ppm: int) -> dict:
         "max": top, "margin_ppm": delta_ppm - top,
         "headroom": (delta_ppm / top) if top > 0 else float("inf"),
         "worst": f"d{worst.draw} i{worst.interval}" if top > 0 else "-",
+        "count_diff_max": max(r.count_diff for r in records),
         "rejects": sum(1 for r in records if r.reject),
         "reasons": sorted({r.reject for r in records if r.reject}),
     }
@@ -199,7 +213,7 @@ def main() -> None:
     ap.add_argument("--cases", default="digits-mlp,mnist-mlp,digits-cnn",
                     help=f"comma-separated, of {', '.join(CASES)}")
     ap.add_argument("--train", default="cpu:1",
-                    help="training configurations: cpu[:N], cuda, cuda+tf32, cuda-fp32, cuda-det")
+                    help="training configurations: cpu[:N], cuda, cuda-torch, cuda+tf32, cuda-det")
     ap.add_argument("--replay", default="cpu:2,cpu:1",
                     help="replay configurations (same syntax); every train x replay pair runs")
     ap.add_argument("--draws", type=int, default=3, help="HtoA draws (h1) per case")
@@ -238,11 +252,11 @@ def main() -> None:
         for train in trains:
             for d, h1 in enumerate(h1s):
                 t0 = time.perf_counter()
-                kept = train_history(task, h1, cache, train, n, set(audited))
+                kept, counts = train_history(task, h1, cache, train, n, set(audited))
                 t_train = time.perf_counter() - t0
                 for rep in replays:
                     t0 = time.perf_counter()
-                    got = replay(task, h1, cache, rep, kept, audited, d)
+                    got = replay(task, h1, cache, rep, kept, counts, audited, d)
                     records.setdefault((train.name, rep.name), []).extend(got)
                     print(f"  {case} d{d} {train.name} -> {rep.name}: trained {n * task.k} "
                           f"steps in {t_train:.1f} s, replayed {len(got)} intervals in "
@@ -254,7 +268,7 @@ def main() -> None:
                         forgery_misses.append(f"{case} d{d} {train.name} -> {rep.name}")
         for (t, r), recs in records.items():
             s = summarise(recs, task.delta_ppm)
-            rows.append((case, f"{t} -> {r}", task.k, task.delta_ppm, s))
+            rows.append((case, f"{t} -> {r}", task.k, task.delta_ppm, task.eps_correct, s))
             dump.append({"case": case, "train": t, "replay": r, "k": task.k,
                          "delta_ppm": task.delta_ppm, "summary": s,
                          "records": [dataclasses.asdict(x) for x in recs]})
@@ -264,24 +278,28 @@ def main() -> None:
           "(verifier rejects when max(params, momentum) > delta_ppm)")
     head = (f"{'case':<11}{'train -> replay':<21}{'k':>3}{'n':>5}{'params max':>11}{'p50':>8}"
             f"{'p99':>8}{'mom max':>9}{'p50':>8}{'p99':>8}{'delta':>6}{'headroom':>9}"
-            f"{'worst':>9}{'rejects':>8}{'err/upd':>8}")
+            f"{'worst':>9}{'rejects':>8}{'err/upd':>8}{'count':>6}{'eps':>4}")
     print(head)
-    for case, setting, k, delta, s in rows:
+    for case, setting, k, delta, eps, s in rows:
         headroom = "inf" if s["headroom"] == float("inf") else f"{s['headroom']:.1f}x"
         print(f"{case:<11}{setting:<21}{k:>3}{s['intervals']:>5}{fmt(s['params_max']):>11}"
               f"{fmt(s['params_p50']):>8}{fmt(s['params_p99']):>8}{fmt(s['momentum_max']):>9}"
               f"{fmt(s['momentum_p50']):>8}{fmt(s['momentum_p99']):>8}{delta:>6}"
               f"{headroom:>9}{s['worst']:>9}{s['rejects']:>8}"
-              f"{s['err_over_update_max']:>8.2g}")
+              f"{s['err_over_update_max']:>8.2g}{s['count_diff_max']:>6}{eps:>4}")
     print("headroom: delta / max; worst: draw and interval of the max; err/upd: largest "
-          "||replayed - p1|| / ||p1 - p0||, the replay error over the interval's own update")
+          "||replayed - p1|| / ||p1 - p0||, the replay error over the interval's own update; "
+          "count: largest difference between the validation count of a committed checkpoint "
+          "here and where it was trained, against the task's eps_correct")
     total = sum(s["rejects"] for *_, s in rows)
+    miscounts = sum(s["count_diff_max"] > eps for *_, eps, s in rows)
     print(f"negative control: the last audited interval of every draw and setting, its momentum "
-          f"forged by 1 + 2*delta, rejected as bad-replay: "
+          f"pushed 2*delta off, rejected as bad-replay: "
           f"{'all' if not forgery_misses else 'MISSED ' + ', '.join(forgery_misses)}")
     print(f"goal: zero false rejects over >= 50 honest intervals per setting -> "
           f"{'met' if total == 0 and all(s['intervals'] >= 50 for *_, s in rows) else 'NOT met'}"
-          f" ({total} rejects)")
+          f" ({total} rejects); recounts within eps_correct in "
+          f"{len(rows) - miscounts} of {len(rows)} settings")
     if args.json:
         Path(args.json).write_text(json.dumps(dump))
 

@@ -110,6 +110,13 @@ class Trainer:
     def __init__(self, draw: Draw, data: DeviceData, device: torch.device | str = "cpu") -> None:
         self.draw, self.data = draw, data
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # PROTOCOL.md §6 trains in float32. PyTorch runs cuDNN convolutions in TF32
+            # by default (10-bit mantissa), which lands a replay on another device
+            # thousands of ppm away; full float32 on CUDA stays within delta_ppm
+            # (docs/benchmarks.md, honest replay distance). These switches are global.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.model = build_model(draw.arch).to(self.device)
         self.flat = torch.empty(len(draw.init), dtype=torch.float32, device=self.device)
         self.momentum = torch.zeros_like(self.flat)
@@ -134,9 +141,9 @@ class Trainer:
 
     def load(self, params: np.ndarray, momentum: np.ndarray) -> None:
         """Start from a checkpoint's parameters and momentum buffers."""
-        with torch.no_grad():
-            self.flat.copy_(torch.from_numpy(params))
-            self.momentum.copy_(torch.from_numpy(momentum))
+        with torch.no_grad():  # np.require: a read-only view of bytes is copied first
+            self.flat.copy_(torch.from_numpy(np.require(params, requirements="W")))
+            self.momentum.copy_(torch.from_numpy(np.require(momentum, requirements="W")))
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """The current parameters and momentum, on the host."""

@@ -9,9 +9,11 @@ interval found by a private audit raises `FraudFound`, which carries the fraud p
 
 Choices where PROTOCOL.md is silent, made here:
 - A replay compares the momentum buffers as well as the parameters, each within
-  `delta_ppm` relative L2 distance. Momentum is state the next interval starts from:
-  unchecked, a forger could commit honest parameters with a fabricated momentum that
-  carries the next, honestly replayable, interval to any weights it likes.
+  `delta_ppm` of the committed parameters' norm (the momentum's error weighted by
+  lr/(1 − μ), the displacement it causes: compute_replay_distance). Momentum is state
+  the next interval starts from: unchecked, a forger could commit honest parameters
+  with a fabricated momentum that carries the next, honestly replayable, interval to any
+  weights it likes; bounded so, it buys no more than a parameter error of delta_ppm.
 - An audited interval's committed update norm must match the norm of its two
   committed checkpoints (within the same relative tolerance, plus one fixed-point
   unit), so a forger cannot hide a jump from the largest-update audit by understating
@@ -46,7 +48,7 @@ from consensus.proofs import Proof, check_target, compute_posthash, compute_preh
 from consensus.tasks import Task
 from consensus.transactions import ModelTx, compute_tx_id
 from mining.artifacts import ArtifactSource, MissingArtifact
-from mining.htoa import Draw, compute_htoa
+from mining.htoa import Draw, Hpp, compute_htoa
 from mining.trainer import DataCache, Trainer, compute_update_norm, from_bytes, to_bytes
 
 DEFAULT_Q_LOCAL = 2
@@ -76,14 +78,33 @@ def _check_tensors(ckpt: Checkpoint) -> bool:
             and compute_tensor_hash(ckpt.momentum) == ckpt.leaf.momentum_hash)
 
 
-def compute_relative_distance(replayed: np.ndarray, committed: np.ndarray) -> float:
-    """||replayed − committed||₂ / ||committed||₂ in float64 (0 when both are zero)."""
+def compute_relative_distance(replayed: np.ndarray, committed: np.ndarray,
+                              reference: np.ndarray | None = None) -> float:
+    """||replayed − committed||₂ / ||reference||₂ (reference: committed) in float64,
+    0 when both norms are zero."""
     diff = replayed.astype(np.float64) - committed.astype(np.float64)
-    ref = float(np.sqrt(np.dot(committed.astype(np.float64), committed.astype(np.float64))))
+    ref = committed if reference is None else reference
+    norm = float(np.sqrt(np.dot(ref.astype(np.float64), ref.astype(np.float64))))
     dist = float(np.sqrt(np.dot(diff, diff)))
-    if ref == 0.0:
+    if norm == 0.0:
         return 0.0 if dist == 0.0 else math.inf
-    return dist / ref
+    return dist / norm
+
+
+def compute_replay_distance(hpp: Hpp, replayed: tuple[np.ndarray, np.ndarray],
+                            committed: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """How far a replayed (params, momentum) lands from the committed pair, both as
+    fractions of the committed parameters' norm.
+
+    The momentum's error counts by the parameter displacement it causes: a buffer off by
+    e moves the parameters by lr·e/(1 − μ) over the steps that follow. Measured against
+    the buffer's own norm instead, honest replays across devices of late, noisy
+    intervals differ by percents (docs/benchmarks.md) while the parameters agree to ppm.
+    """
+    (rp, rm), (p1, m1) = replayed, committed
+    carry = hpp.lr / (1.0 - hpp.momentum)
+    return (compute_relative_distance(rp, p1),
+            carry * compute_relative_distance(rm, m1, reference=p1))
 
 
 class DPoDLEngine:
@@ -285,9 +306,7 @@ class DPoDLEngine:
                                                     f"{committed / NORM_SCALE}")
         trainer.load(p0, m0)
         trainer.train(start.leaf.steps, task.k)
-        replayed_p, replayed_m = trainer.snapshot()
-        distance = max(compute_relative_distance(replayed_p, p1),
-                       compute_relative_distance(replayed_m, m1))
+        distance = max(compute_replay_distance(trainer.draw.hpp, trainer.snapshot(), (p1, m1)))
         if distance * 1e6 > task.delta_ppm:
             raise ConsensusError("bad-replay", f"interval {start.leaf.index} replays "
                                                f"{distance * 1e6:.1f} ppm away, "

@@ -478,6 +478,7 @@ INVALID_TASKS = [
     ("width_min=0", _task(arch={"width_min": 0})),
     ("width_min>width_max", _task(arch={"width_min": 65, "width_max": 64})),
     ("family=2", _task(arch={"family": 2})),
+    ("cnn-k-above-cap", _task(k=40, arch={"family": FAMILY_CNN})),
     ("lr_min=0", _task(hpp={"lr_min_ppm": 0})),
     ("lr_min>lr_max", _task(hpp={"lr_min_ppm": 200_001})),
     ("momentum_min>max", _task(hpp={"momentum_min_ppm": 950_001})),

@@ -645,6 +645,24 @@ def test_replay_tolerates_delta_ppm_and_no_more(cache, data, run, ppm, reason):
         assert public_rejection(cache, solution, q_local=0) == (reason, IN_AUDITS)
 
 
+@pytest.mark.parametrize(("ppm", "reason"), [(TASK.delta_ppm // 10, None),
+                                              (3 * TASK.delta_ppm, "bad-replay")])
+def test_momentum_replay_tolerates_delta_ppm_of_its_displacement_and_no_more(
+        cache, data, run, ppm, reason):
+    """The last checkpoint's momentum moved off the honest one so that the displacement
+    it would cause, lr/(1 − μ) times its error, is `ppm` of the parameters' norm."""
+    p, m = run.states[J]
+    hpp = run.draw.hpp
+    noise = np.random.default_rng(2).standard_normal(len(m))
+    noise *= ppm * 1e-6 * np.linalg.norm(p) * (1 - hpp.momentum) / hpp.lr / np.linalg.norm(noise)
+    states = [*run.states[:J], (p, (m + noise).astype(np.float32))]
+    solution = forge(run, states, data)
+    if reason is None:
+        assert verify(cache, solution, q_local=ALL) is None
+    else:
+        assert public_rejection(cache, solution, q_local=0) == (reason, IN_AUDITS)
+
+
 @pytest.mark.parametrize(("ppm", "reason"), [(TASK.delta_ppm // 2, None),
                                               (10 * TASK.delta_ppm, "bad-update-norm")])
 def test_committed_update_norm_tolerates_delta_ppm_and_no_more(cache, data, run, honest,
