@@ -31,7 +31,7 @@ from mining.trainer import to_bytes
 from mining.watermark import compute_watermark_size
 
 TASK = DEV.genesis_task
-CNN_TASK = replace(TASK, arch=ArchSpace(FAMILY_CNN, depth_min=1, depth_max=3, width_min=4,
+CNN_TASK = replace(TASK, k=10, arch=ArchSpace(FAMILY_CNN, depth_min=1, depth_max=3, width_min=4,
                                         width_max=8))
 H1 = Hash(bytes(range(32)))
 PROPERTY_HASHES = [tagged_hash("htoa-property", i) for i in range(300)]
