@@ -131,7 +131,9 @@ def _seal(snapshot: Snapshot, previous: np.ndarray, index: int, steps: int
 
 
 def mine(job: Job, data: DeviceData, stop: Callable[[], bool], *, nonce: int = 0,
-         device: torch.device | str = "cpu") -> Iterator[Solution]:
+         device: torch.device | str = "cpu",
+         progress: Callable[[Hash, int, int | None], None] | None = None
+         ) -> Iterator[Solution]:
     """Mine on `job` until a block is found (yielded last) or `stop()` is true.
 
     Model transactions found on the way are yielded as they come: at most one per
@@ -141,7 +143,8 @@ def mine(job: Job, data: DeviceData, stop: Callable[[], bool], *, nonce: int = 0
 
     Checkpoint j is committed (copied out, hashed, its PostHash drawn) while interval
     j + 1 trains, so the device never waits for the host; when j turns out to be a
-    block, the one interval trained past it is discarded.
+    block, the one interval trained past it is discarded. `progress(h1, steps,
+    n_correct)` hears of every committed checkpoint (n_correct None before s_min).
     """
     task, ref = job.task, job.reference
     task_id = compute_task_id(task)
@@ -175,6 +178,8 @@ def mine(job: Job, data: DeviceData, stop: Callable[[], bool], *, nonce: int = 0
                     leaves.append(leaf)
                     tensors.append((params_b, momentum_b))
                     pending = None
+                    if progress is not None:
+                        progress(h1, leaf.steps, n_correct)
                     if n_correct is not None:
                         h2 = compute_posthash(h1, leaf.steps, n_correct)
                         is_block = n_correct >= job.block_floor and check_target(h2, job.t2)

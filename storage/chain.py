@@ -214,7 +214,7 @@ class ChainStore:
                 raise MissingParent(block.header.prev_id.hex())
             if parent.status >= STATUS_INVALID:
                 raise ConsensusError("bad-prevblk", "parent is invalid")
-            ctx = self._header_context(block.header, parent, now)
+            ctx = self._header_context(block.header.height, parent, now)
             weight = validate_block(self.params, self.engine, block, ctx, self.get_task,
                                     self._parallel_map)
             entry = IndexEntry(block.header, weight, parent.chain_weight + weight,
@@ -290,7 +290,13 @@ class ChainStore:
         self._pool.shutdown()
         self.db.close()
 
-    def _header_context(self, header: BlockHeader, parent: IndexEntry,
+    def next_context(self, now: int | None = None) -> HeaderContext:
+        """What a block on the current tip must satisfy: its parent, the median time past
+        its timestamp must exceed, and its target (for a miner's block template)."""
+        with self._lock:
+            return self._header_context(self.tip.header.height + 1, self.tip, now)
+
+    def _header_context(self, height: int, parent: IndexEntry,
                         now: int | None) -> HeaderContext:
         times, entry = [], parent
         while True:
@@ -300,9 +306,9 @@ class ChainStore:
             entry = self._index[entry.header.prev_id]
         target = parent.header.target
         interval = self.params.retarget_interval
-        if header.height % interval == 0:
-            start = self._ancestor(parent, header.height - interval)
-            target = compute_next_target(self.params, header.height, target,
+        if height % interval == 0:
+            start = self._ancestor(parent, height - interval)
+            target = compute_next_target(self.params, height, target,
                                          start.header.timestamp, parent.header.timestamp)
         return HeaderContext(parent.header, compute_median_time_past(times), target,
                              int(time.time()) if now is None else now)

@@ -1,0 +1,389 @@
+"""The node's JSON-RPC methods (Bitcoin Core's names where one exists).
+
+Hashes, ids, keys and addresses are lowercase hex; amounts are integer base units;
+every block shows its proof of useful work. Errors use Core's codes: -5 for an unknown
+block, transaction, task or model, -8 for a parameter out of range, -22 for data that
+does not decode, -25/-26 for a block or transaction the rules refuse (the message
+starts with the stable reason string).
+"""
+
+import dataclasses
+import inspect
+import time
+from typing import Any
+
+from consensus.blocks import Block, BlockHeader, compute_block_id
+from consensus.difficulty import compute_difficulty
+from consensus.encoding import DecodeError, Hash, decode, encode
+from consensus.errors import ConsensusError
+from consensus.keys import compute_address
+from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule, compute_schedule
+from consensus.tasks import FAMILY_CNN, FAMILY_MLP, compute_task_id
+from consensus.transactions import Transaction, compute_tx_id, signer_address
+from mining.artifacts import MissingArtifact
+from node.auth import Authenticator
+from node.node import Node, TipView
+from node.rpc import (
+    INVALID_ADDRESS_OR_KEY,
+    INVALID_PARAMETER,
+    MISC_ERROR,
+    VERIFY_ERROR,
+    VERIFY_REJECTED,
+    RpcError,
+    RpcServer,
+    param_bool,
+    param_hex,
+    param_int,
+)
+from storage.chain import MissingParent
+from storage.schema import STATUS_INVALID, STATUS_VALID
+
+DESERIALIZATION_ERROR = -22  # Core's RPC_DESERIALIZATION_ERROR
+P2P_DISABLED = -9  # Core's RPC_CLIENT_NOT_CONNECTED
+PROTOCOL_VERSION = 1
+FAMILY_NAMES = {FAMILY_MLP: "mlp", FAMILY_CNN: "cnn"}
+
+
+def to_json(value: Any) -> Any:
+    """Dataclasses as objects, bytes as hex, tuples as lists, recursively."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple | list):
+        return [to_json(v) for v in value]
+    return value
+
+
+class Methods:
+    """The node's methods, registered on an RpcServer by `register`."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def store(self):  # noqa: ANN201 (ChainStore)
+        return self.node.store
+
+    def _block_id(self, value: object, name: str = "blockhash") -> Hash:
+        block_id = Hash(param_hex(value, name, size=32))
+        if self.store.get_entry(block_id) is None:
+            raise RpcError(INVALID_ADDRESS_OR_KEY, "Block not found")
+        return block_id
+
+    def _confirmations(self, block_id: Hash, height: int) -> int:
+        if not self.store.is_main_chain(block_id):
+            return -1
+        return self.store.height - height + 1
+
+    def _proof_json(self, header: BlockHeader) -> dict:
+        """The block's proof of useful work, with what the chain knows about its model."""
+        proof = header.proof
+        task = self.store.get_task(proof.task_id)
+        record: ModelRecord | None = self.store.get_state(("model", proof.model_id))
+        blob = self.node.artifacts.get_model(proof.model_id)
+        val_size = task.dataset.val_size if task else None
+        out = {
+            "task": proof.task_id.hex(),
+            "dataset": task.dataset.name.decode() if task else None,
+            "architecture": None if blob is None else {
+                "family": FAMILY_NAMES.get(blob.arch.family, str(blob.arch.family)),
+                "input": [blob.arch.channels, blob.arch.height, blob.arch.width],
+                "widths": list(blob.arch.widths), "classes": blob.arch.classes},
+            "steps": proof.steps,
+            "total_steps": None if record is None else record.total_steps,
+            "n_correct": proof.n_correct,
+            "validation_size": val_size,
+            "validation_accuracy": None if not val_size else proof.n_correct / val_size,
+            "test_accuracy": None,  # evaluated when the task ends (not yet implemented)
+            "reference_model": proof.ref_model.hex() or None,
+            "model": proof.model_id.hex(),
+            "checkpoint_root": proof.ckpt_root.hex(),
+            "miner": compute_address(proof.miner).hex(),
+            "nonce": proof.nonce,
+        }
+        return out
+
+    def _header_json(self, header: BlockHeader) -> dict:
+        block_id = compute_block_id(header)
+        entry = self.store.get_entry(block_id)
+        nxt = self.store.main_chain_id(header.height + 1)
+        on_main = self.store.is_main_chain(block_id)
+        return {
+            "hash": block_id.hex(),
+            "confirmations": self._confirmations(block_id, header.height),
+            "height": header.height,
+            "version": header.version,
+            "previousblockhash": header.prev_id.hex() if header.height else None,
+            "nextblockhash": nxt.hex() if on_main and nxt is not None else None,
+            "time": header.timestamp,
+            "target": f"{header.target:064x}",
+            "difficulty": compute_difficulty(header.target),
+            "chainwork": entry.chain_weight if entry else None,
+            "txroot": header.tx_root.hex(),
+            "proof": self._proof_json(header),
+        }
+
+    def _tx_json(self, tx: Transaction) -> dict:
+        out = {"txid": compute_tx_id(tx).hex(), "type": type(tx).__name__,
+               "from": signer_address(tx).hex(), "size": len(encode(tx, Transaction))}
+        out.update(to_json(tx))
+        return out
+
+    # -- blockchain ------------------------------------------------------------------------
+
+    async def getblockchaininfo(self) -> dict:
+        tip = self.store.tip.header
+        schedule: Schedule = self.store.get_state(SCHEDULE_KEY)
+        return {"chain": self.node.params.name, "blocks": self.store.height,
+                "bestblockhash": self.store.tip_id.hex(),
+                "difficulty": compute_difficulty(tip.target), "time": tip.timestamp,
+                "chainwork": self.store.tip.chain_weight,
+                "forkrule": self.node.params.fork_rule,
+                "activetask": schedule.active.hex(), "taskends": schedule.end}
+
+    async def getblockcount(self) -> int:
+        return self.store.height
+
+    async def getbestblockhash(self) -> str:
+        return self.store.tip_id.hex()
+
+    async def getblockhash(self, height: object) -> str:
+        h = param_int(height, "height", min=0)
+        block_id = self.store.main_chain_id(h)
+        if block_id is None:
+            raise RpcError(INVALID_PARAMETER, "Block height out of range")
+        return block_id.hex()
+
+    async def getblockheader(self, blockhash: object, verbose: object = True) -> Any:
+        header = self.store.get_header(self._block_id(blockhash))
+        assert header is not None
+        if not param_bool(verbose, "verbose"):
+            return encode(header).hex()
+        return self._header_json(header)
+
+    async def getblock(self, blockhash: object, verbosity: object = 1) -> Any:
+        level = param_int(verbosity, "verbosity", min=0, max=2)
+        block: Block | None = self.store.get_block(self._block_id(blockhash))
+        if block is None:  # index entry without a stored body cannot happen; be explicit
+            raise RpcError(INVALID_ADDRESS_OR_KEY, "Block not available")
+        if level == 0:
+            return encode(block).hex()
+        out = self._header_json(block.header)
+        out["size"] = len(encode(block))
+        out["tx"] = [self._tx_json(tx) if level == 2 else compute_tx_id(tx).hex()
+                     for tx in block.txs]
+        return out
+
+    async def getchaintips(self) -> list:
+        tips = []
+        for block_id, entry in self.store.chain_tips():
+            fork = entry
+            while not self.store.is_main_chain(compute_block_id(fork.header)):
+                fork = self.store.get_entry(fork.header.prev_id)
+            if block_id == self.store.tip_id:
+                status = "active"
+            elif entry.status >= STATUS_INVALID:
+                status = "invalid"
+            elif entry.status == STATUS_VALID:
+                status = "valid-fork"
+            else:
+                status = "valid-headers"
+            tips.append({"height": entry.header.height, "hash": block_id.hex(),
+                         "branchlen": entry.header.height - fork.header.height,
+                         "status": status})
+        return sorted(tips, key=lambda t: (t["status"] != "active", -t["height"]))
+
+    async def getdifficulty(self) -> float:
+        return compute_difficulty(self.store.tip.header.target)
+
+    # -- mining ----------------------------------------------------------------------------
+
+    async def getmininginfo(self) -> dict:
+        node, stats = self.node, self.node.stats
+        ctx = self.store.next_context()
+        task = node.active_task()
+        progress = stats.progress
+        return {"blocks": self.store.height, "difficulty": compute_difficulty(ctx.expected_target),
+                "target": f"{ctx.expected_target:064x}", "generate": node.miner is not None,
+                "device": node.config.device, "task": compute_task_id(task).hex(),
+                "minedblocks": stats.blocks, "modeltxs": stats.mtxs, "stale": stats.stale,
+                "draws": stats.draws, "error": stats.error,
+                "current": None if progress is None else {
+                    "h1": progress.h1.hex(), "steps": progress.steps,
+                    "n_correct": progress.n_correct,
+                    "validation_accuracy": None if progress.n_correct is None
+                    else progress.n_correct / task.dataset.val_size}}
+
+    async def setgenerate(self, generate: object) -> bool:
+        if param_bool(generate, "generate"):
+            self.node.start_mining()
+        else:
+            await self.node.stop_mining()
+        return self.node.miner is not None
+
+    # -- mempool and transactions ----------------------------------------------------------
+
+    async def getmempoolinfo(self) -> dict:
+        return self.node.mempool.info()
+
+    async def getrawmempool(self, verbose: object = False) -> Any:
+        pool = self.node.mempool
+        if not param_bool(verbose, "verbose"):
+            return [i.hex() for i in pool.ids()]
+        return {i.hex(): self._tx_json(pool.get(i)) for i in pool.ids()}
+
+    async def sendrawtransaction(self, hexstring: object) -> str:
+        raw = param_hex(hexstring, "hexstring")
+        try:
+            tx = decode(Transaction, raw)
+        except DecodeError as e:
+            raise RpcError(DESERIALIZATION_ERROR, f"TX decode failed: {e}") from None
+        try:
+            tx_id = await self.node.submit_transaction(tx)
+        except ConsensusError as e:
+            raise RpcError(VERIFY_REJECTED, str(e)) from None
+        except MissingArtifact as e:
+            raise RpcError(VERIFY_ERROR, f"missing-artifact: {e}") from None
+        return tx_id.hex()
+
+    async def submitblock(self, hexdata: object) -> str | None:
+        raw = param_hex(hexdata, "hexdata")
+        try:
+            block = decode(Block, raw)
+        except DecodeError as e:
+            raise RpcError(DESERIALIZATION_ERROR, f"Block decode failed: {e}") from None
+        try:
+            result = await self.node.submit_block(block)
+        except ConsensusError as e:
+            return str(e)  # Core answers a refused block with its reason, not an error
+        except MissingParent:
+            return "prev-blk-not-found"
+        except MissingArtifact as e:
+            return f"missing-artifact: {e}"
+        return "duplicate" if result.status == "duplicate" else None
+
+    async def gettransaction(self, txid: object, blockhash: object = None) -> dict:
+        tx_id = Hash(param_hex(txid, "txid", size=32))
+        if blockhash is None:
+            tx = self.node.mempool.get(tx_id)
+            if tx is None:
+                raise RpcError(INVALID_ADDRESS_OR_KEY, "No such mempool transaction; there "
+                               "is no transaction index: give the block's hash")
+            return self._tx_json(tx) | {"confirmations": 0}
+        block_id = self._block_id(blockhash)
+        block = self.store.get_block(block_id)
+        for tx in block.txs:
+            if compute_tx_id(tx) == tx_id:
+                height = block.header.height
+                return self._tx_json(tx) | {"blockhash": block_id.hex(),
+                                            "confirmations": self._confirmations(block_id,
+                                                                                 height)}
+        raise RpcError(INVALID_ADDRESS_OR_KEY, "No such transaction in the given block")
+
+    async def getaccount(self, address: object) -> dict:
+        account: Account = self.store.account(param_hex(address, "address", size=20))
+        return {"balance": account.balance, "nonce": account.nonce}
+
+    async def getbalance(self, address: object) -> int:
+        return (await self.getaccount(address))["balance"]
+
+    # -- tasks and models ------------------------------------------------------------------
+
+    def _task_json(self, task_id: Hash, status: str, schedule: Schedule) -> dict:
+        task = self.store.get_task(task_id)
+        out = {"id": task_id.hex(), "status": status, **to_json(task)}
+        out["dataset"]["name"] = task.dataset.name.decode()
+        if status == "active":
+            out["start"], out["end"] = schedule.start, schedule.end
+        return out
+
+    async def listtasks(self) -> list:
+        schedule, _ = self._schedule()
+        return ([self._task_json(schedule.active, "active", schedule)]
+                + [self._task_json(i, "queued", schedule) for i in schedule.queue])
+
+    async def gettask(self, task_id: object = None) -> dict:
+        schedule, active = self._schedule()
+        if task_id is None:
+            return self._task_json(compute_task_id(active), "active", schedule)
+        wanted = Hash(param_hex(task_id, "task_id", size=32))
+        if self.store.get_task(wanted) is None:
+            raise RpcError(INVALID_ADDRESS_OR_KEY, "Task not found")
+        if wanted == schedule.active:
+            return self._task_json(wanted, "active", schedule)
+        status = "queued" if wanted in schedule.queue else "finished"
+        return self._task_json(wanted, status, schedule)
+
+    def _schedule(self) -> tuple[Schedule, Any]:
+        return compute_schedule(self.node.params, TipView(self.store), self.store.height + 1)
+
+    async def getmodel(self, model_id: object, weights: object = False) -> dict:
+        mid = Hash(param_hex(model_id, "model_id", size=32))
+        record: ModelRecord | None = self.store.get_state(("model", mid))
+        blob = self.node.artifacts.get_model(mid)
+        if record is None and blob is None:
+            raise RpcError(INVALID_ADDRESS_OR_KEY, "Model not found")
+        out: dict[str, Any] = {"id": mid.hex(), "onchain": record is not None}
+        if record is not None:
+            out |= {"height": record.height, "task": record.task_id.hex(),
+                    "total_steps": record.total_steps}
+        if blob is not None:
+            out["architecture"] = to_json(blob.arch)
+            out["parameters"] = len(blob.params) // 4
+            if param_bool(weights, "weights"):
+                out["weights"] = blob.params.hex()  # little-endian float32, declared order
+        return out
+
+    # -- network (the P2P layer is not built yet) -----------------------------------------
+
+    async def getpeerinfo(self) -> list:
+        return []
+
+    async def getconnectioncount(self) -> int:
+        return 0
+
+    async def getnetworkinfo(self) -> dict:
+        from importlib.metadata import version
+
+        return {"version": version("dpodl"), "subversion": f"/dpodl:{version('dpodl')}/",
+                "protocolversion": PROTOCOL_VERSION, "connections": 0, "networkactive": False,
+                "p2pport": self.node.config.p2p_port, "warnings": "P2P is not built yet"}
+
+    async def addnode(self, node: object, command: object) -> None:
+        raise RpcError(P2P_DISABLED, "P2P networking is not built yet: this node runs alone")
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def uptime(self) -> int:
+        return int(time.time() - self.node.started)
+
+    async def stop(self) -> str:
+        self.node.stopping.set()
+        return "dpodl node stopping"
+
+
+def build_rpc(node: Node, auth: Authenticator) -> RpcServer:
+    """An RpcServer with every method of `Methods` and `help`."""
+    server = RpcServer(auth)
+    methods = Methods(node)
+    for name in sorted(n for n in dir(Methods) if not n.startswith("_")
+                       and n not in ("store",) and callable(getattr(Methods, n))):
+        fn = getattr(methods, name)
+        args = " ".join(p if v.default is inspect.Parameter.empty else f"[{p}]"
+                        for p, v in inspect.signature(fn).parameters.items())
+        server.method(name, fn, f"{name} {args}".strip())
+
+    async def help(command: object = None) -> str:  # noqa: A001 (the RPC's name)
+        names = server.methods()
+        if command is None:
+            return "\n".join(sorted(names))
+        if command not in names:
+            raise RpcError(MISC_ERROR, f"help: unknown command: {command}")
+        return names[command]
+
+    server.method("help", help, "List the commands, or describe one.")
+    server.health = lambda: {"status": "ok", "blocks": node.store.height}
+    return server

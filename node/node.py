@@ -1,0 +1,259 @@
+"""The full node: chain storage and validation, the mempool, the miner, JSON-RPC.
+
+One asyncio event loop owns the node's state. Whatever may take long runs elsewhere:
+training in the miner's child process (node/miner_service.py), and checking a block
+(its replay audits) or a model transaction on the node's one chain thread, so the loop
+keeps answering RPC while a block is verified. Chain and mempool changes happen on that
+thread one at a time, in the order they were asked for.
+"""
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from consensus.blocks import Block, assemble_block, compute_block_id
+from consensus.difficulty import compute_mtx_target
+from consensus.encoding import Hash
+from consensus.errors import ConsensusError
+from consensus.keys import PrivateKey
+from consensus.params import NETWORKS, ChainParams
+from consensus.state import compute_schedule
+from consensus.tasks import Task
+from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
+from mining.artifacts import MissingArtifact
+from mining.miner import Job, Solution
+from mining.trainer import DataCache
+from mining.verifier import DPoDLEngine
+from node.auth import Authenticator, remove_cookie, write_cookie
+from node.config import Config
+from node.datadir import DataDir, read_key_file
+from node.mempool import Mempool
+from node.miner_service import MinerService, Progress
+from node.rpc import RpcServer
+from storage.artifacts import ArtifactStore
+from storage.chain import AddResult, ChainStore, MissingParent
+from storage.db import Database
+
+log = logging.getLogger("dpodl.node")
+
+T = TypeVar("T")
+
+
+class TipView:
+    """The main chain tip's state as a consensus StateView."""
+
+    def __init__(self, store: ChainStore) -> None:
+        self.get = store.get_state
+
+
+@dataclass(slots=True)
+class MiningStats:
+    """What the miner has done since the node started, for getmininginfo and the log."""
+
+    blocks: int = 0
+    mtxs: int = 0
+    stale: int = 0
+    draws: int = 0
+    progress: Progress | None = None
+    error: str | None = None
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.params: ChainParams = NETWORKS[config.network]
+        self.datadir = DataDir(config.datadir)
+        self.started = time.time()
+        self.stats = MiningStats()
+        self.stopping = asyncio.Event()
+        self._chain_thread = ThreadPoolExecutor(1, thread_name_prefix="dpodl-chain")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self.db: Database | None = None
+        self.key: PrivateKey | None = None
+        self.miner: MinerService | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the data directory and open the chain, the keys and the mempool."""
+        self.datadir.lock()
+        try:
+            self._open_locked()
+        except BaseException:
+            self.datadir.unlock()
+            raise
+
+    def _open_locked(self) -> None:
+        if self.config.miner_key is not None:  # a named key must exist: no typo mines
+            self.key = read_key_file(self.config.miner_key)  # to a fresh one
+        else:
+            self.key, created = self.datadir.load_or_create_key()
+            if created:
+                log.info("created the miner key %s", self.datadir.key_path)
+        self.db = Database(self.datadir.chain_path)
+        self.artifacts = ArtifactStore(self.db)
+        self.data = DataCache(None if self.config.datasets is None else str(self.config.datasets))
+        self.engine = DPoDLEngine(self.artifacts, self.data)
+        self.store = ChainStore(self.db, self.params, self.engine)
+        self.mempool = Mempool(self.params, self.store, self.engine)
+        log.info("%s chain at height %d, tip %s", self.params.name, self.store.height,
+                 self.store.tip_id.hex())
+
+    async def run(self, rpc: RpcServer) -> None:
+        """Serve until SIGINT, SIGTERM or the `stop` RPC; then shut down cleanly."""
+        self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._loop.add_signal_handler(sig, self.stopping.set)
+        self._runner = web.AppRunner(rpc.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.rpc_bind, self.config.rpc_port)
+        await site.start()
+        log.info("JSON-RPC on http://%s:%d/ (cookie %s)", self.config.rpc_bind,
+                 self.config.rpc_port, self.datadir.cookie_path)
+        if self.config.mine:
+            self.start_mining()
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info("shutting down")
+            await self.close()
+
+    async def close(self) -> None:
+        if self.miner is not None:
+            await asyncio.to_thread(self.miner.stop)
+            self.miner = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        remove_cookie(self.datadir.path)
+        self._chain_thread.shutdown(wait=True)
+        if self.db is not None:
+            self.store.close()
+            self.db = None
+        self.datadir.unlock()
+
+    async def on_chain_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a chain or mempool operation on the chain thread, in order."""
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._chain_thread, fn, *args)
+
+    # -- chain -----------------------------------------------------------------------------
+
+    def active_task(self) -> Task:
+        """The task the next block works on."""
+        return compute_schedule(self.params, TipView(self.store), self.store.height + 1)[1]
+
+    async def submit_block(self, block: Block) -> AddResult:
+        """Check and add a block; on a new tip, update the mempool and the miner's job.
+        Raises ConsensusError, MissingParent or MissingArtifact."""
+        result = await self.on_chain_thread(self.store.add_block, block)
+        if result.status == "connected":
+            await self.on_chain_thread(self.mempool.update_for_tip, result)
+            log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
+            self._renew_job()
+        return result
+
+    async def submit_transaction(self, tx: Transaction) -> Hash:
+        """Add a transaction to the mempool (ConsensusError says why not)."""
+        return await self.on_chain_thread(self.mempool.add, tx)
+
+    # -- mining ----------------------------------------------------------------------------
+
+    def start_mining(self) -> None:
+        if self.miner is None:
+            self.miner = MinerService(self._from_miner, device=self.config.device,
+                                      datasets=self.config.datasets)
+            self.miner.start()
+        self._renew_job()
+
+    async def stop_mining(self) -> None:
+        if self.miner is not None:
+            miner, self.miner = self.miner, None
+            await asyncio.to_thread(miner.stop)
+
+    def _renew_job(self) -> None:
+        if self.miner is None:
+            return
+        assert self.key is not None
+        ctx = self.store.next_context()
+        t2 = ctx.expected_target
+        # Reference models (§7) are not chosen yet: every job trains from HtoA's init.
+        job = Job(self.params, self.store.tip_id, self.active_task(), t2,
+                  compute_mtx_target(self.params, t2), self.key.pubkey)
+        self.miner.set_job(job)
+
+    def _from_miner(self, kind: str, generation: int, payload: object) -> None:
+        """Called on the miner's reader thread: hand over to the event loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_miner_message, kind, generation, payload)
+
+    def _on_miner_message(self, kind: str, generation: int, payload: object) -> None:
+        miner = self.miner
+        if miner is None or generation != miner.generation:
+            if kind == "solution":
+                self.stats.stale += 1
+            return
+        if kind == "progress":
+            assert isinstance(payload, Progress)
+            previous = self.stats.progress
+            if previous is None or previous.h1 != payload.h1:
+                self.stats.draws += 1
+            self.stats.progress = payload
+        elif kind == "error":
+            self.stats.error = str(payload)
+            log.error("miner: %s", payload)
+        elif kind == "solution":
+            assert isinstance(payload, Solution) and miner.job is not None
+            asyncio.ensure_future(self._on_solution(miner.job, payload))
+
+    async def _on_solution(self, job: Job, solution: Solution) -> None:
+        assert self.key is not None
+        if solution.prev_id != self.store.tip_id:
+            self.stats.stale += 1
+            return
+        await self.on_chain_thread(solution.publish, self.artifacts)
+        try:
+            if solution.kind == "mtx":
+                tx = sign_tx(ModelTx(solution.prev_id, solution.proof, 0), self.key)
+                await self.submit_transaction(tx)
+                self.stats.mtxs += 1
+                log.info("model transaction %s: %d steps, %d/%d correct",
+                         compute_tx_id(tx).hex(),
+                         solution.proof.steps, solution.proof.n_correct,
+                         job.task.dataset.val_size)
+                return
+            tip = self.store.tip
+            ctx = self.store.next_context()
+            timestamp = max(int(time.time()), ctx.median_time_past + 1)
+            txs = await self.on_chain_thread(self.mempool.select)
+            block = assemble_block(tip.header, timestamp, ctx.expected_target,
+                                   solution.proof, txs, self.key)
+            await self.submit_block(block)
+            self.stats.blocks += 1
+            log.info("mined block %s at height %d: %d steps, %d/%d correct, %d txs",
+                     compute_block_id(block.header).hex(), block.header.height,
+                     solution.proof.steps, solution.proof.n_correct,
+                     job.task.dataset.val_size, len(txs))
+        except (ConsensusError, MissingParent, MissingArtifact) as e:
+            log.error("own %s refused: %s", solution.kind, e)
+
+
+async def serve(config: Config, build_rpc: Callable[[Node, Authenticator], RpcServer]) -> None:
+    """Open a node, serve JSON-RPC and (if configured) mine until told to stop."""
+    node = Node(config)
+    node.open()
+    try:
+        auth = Authenticator(write_cookie(node.datadir.path), config.rpc_auth)
+        rpc = build_rpc(node, auth)
+    except BaseException:
+        await node.close()
+        raise
+    await node.run(rpc)
