@@ -91,6 +91,15 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rpcauth(args: argparse.Namespace) -> int:
+    from node.auth import make_rpcauth
+
+    line, password = make_rpcauth(args.user)
+    print(f'rpcauth = ["{line}"]    # for dpodl.toml (or DPODL_RPCAUTH={line})')
+    print(f"password: {password}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpodl",
@@ -117,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="create a key file and print its address")
     keygen.add_argument("--out", required=True, help="the key file to create (never overwritten)")
     keygen.set_defaults(run=_keygen)
+    rpcauth = commands.add_parser("rpcauth", help="make an RPC user: a config line holding "
+                                                  "only the password's salted hash")
+    rpcauth.add_argument("user")
+    rpcauth.set_defaults(run=_rpcauth)
     return parser
 
 
