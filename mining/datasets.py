@@ -249,6 +249,11 @@ _READERS: dict[str, Callable[[Path | None], _Raw]] = {
     "cifar10": _read_cifar10,
 }
 _PIXEL_MAX = {"digits": 16}  # every other dataset is 8-bit: 255
+
+
+def compute_pixel_max(name: str) -> int:
+    """The largest pixel value of a dataset's format: inputs are pixels / this."""
+    return _PIXEL_MAX.get(name, 255)
 _TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 KNOWN_DATASETS = tuple(_READERS)
@@ -326,5 +331,5 @@ def load_dataset(
                          spec.val_hash),
         test=_check_split(spec, "test", raw.test_images, raw.test_labels, raw.test_files,
                           spec.test_size, spec.test_hash),
-        pixel_max=_PIXEL_MAX.get(name, 255),
+        pixel_max=compute_pixel_max(name),
     )

@@ -54,19 +54,78 @@ def _parse_param(text: str) -> object:
         return text
 
 
-def _rpc(args: argparse.Namespace) -> int:
-    from node.client import RpcClientError, call
-    from node.config import ConfigError, load_config
+def _client(args: argparse.Namespace, method: str, *params: object) -> object:
+    """Call the node the command's flags name (raises ConfigError, RpcClientError)."""
+    from node.client import call
+    from node.config import load_config
+
+    credentials = None
+    if getattr(args, "rpc_user", None) is not None:
+        credentials = (args.rpc_user,
+                       args.rpc_password or os.environ.get("DPODL_RPC_PASSWORD", ""))
+    return call(load_config(args, os.environ), method, list(params), credentials=credentials)
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    from node.client import RpcClientError
+    from node.config import ConfigError
+    from node.datadir import DataDirError
+
+    return ConfigError, RpcClientError, DataDirError
+
+
+def _send(args: argparse.Namespace) -> int:
+    from consensus.encoding import encode
+    from consensus.transactions import Transaction, Transfer, sign_tx
+    from node.config import load_config
+    from node.datadir import DataDir, read_key_file
 
     try:
-        config = load_config(args, os.environ)
-        credentials = None
-        if args.rpc_user is not None:
-            password = args.rpc_password or os.environ.get("DPODL_RPC_PASSWORD", "")
-            credentials = (args.rpc_user, password)
-        result = call(config, args.method, [_parse_param(p) for p in args.params],
-                      credentials=credentials)
-    except (ConfigError, RpcClientError) as e:
+        to = bytes.fromhex(args.to)
+        if len(to) != 20:
+            raise ValueError
+    except ValueError:
+        print("dpodl send: --to must be an address: 40 hex digits", file=sys.stderr)
+        return 2
+    try:
+        path = Path(args.key) if args.key else DataDir(
+            load_config(args, os.environ).datadir).key_path
+        key = read_key_file(path)
+        nonce = _client(args, "getaccount", key.address.hex())["pendingnonce"]
+        tx = sign_tx(Transfer(key.pubkey, to, args.amount, args.fee, nonce), key)
+        print(_client(args, "sendrawtransaction", encode(tx, Transaction).hex()))
+    except _client_errors() as e:
+        print(f"dpodl send: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from consensus.models import Arch, ModelBlob
+    from mining.datasets import compute_pixel_max
+    from mining.export import export_model
+
+    try:
+        model = _client(args, "getmodel", args.model_id, True)
+        if "weights" not in model:
+            raise ValueError(f"the node has no weights for model {args.model_id}")
+        arch = Arch(**{**model["architecture"],
+                       "widths": tuple(model["architecture"]["widths"])})
+        dataset = _client(args, "gettask", model["task"])["dataset"]["name"]
+        export_model(ModelBlob(arch, bytes.fromhex(model["weights"])),
+                     compute_pixel_max(dataset), Path(args.file))
+    except (*_client_errors(), ValueError, KeyError, OSError) as e:
+        print(f"dpodl model export: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {model['parameters']} parameters, {dataset} images in; "
+          f"load with torch.jit.load")
+    return 0
+
+
+def _rpc(args: argparse.Namespace) -> int:
+    try:
+        result = _client(args, args.method, *[_parse_param(p) for p in args.params])
+    except _client_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if isinstance(result, str):
@@ -100,6 +159,14 @@ def _rpcauth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_arguments(parser: argparse.ArgumentParser) -> None:
+    from node.config import add_node_arguments
+
+    add_node_arguments(parser)
+    parser.add_argument("--rpc-user", help="a configured RPC user (default: the node's cookie)")
+    parser.add_argument("--rpc-password", help="its password (or $DPODL_RPC_PASSWORD)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpodl",
@@ -117,12 +184,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_arguments(node)
     node.set_defaults(run=_node)
     rpc = commands.add_parser("rpc", help="call a running node's JSON-RPC method")
-    add_node_arguments(rpc)
-    rpc.add_argument("--rpc-user", help="a configured RPC user (default: the node's cookie)")
-    rpc.add_argument("--rpc-password", help="its password (or $DPODL_RPC_PASSWORD)")
+    _client_arguments(rpc)
     rpc.add_argument("method", help="the method, e.g. getblockcount; `help` lists them")
     rpc.add_argument("params", nargs="*", help="its parameters (JSON where they parse)")
     rpc.set_defaults(run=_rpc)
+    send = commands.add_parser("send", help="send coins from a key's account")
+    _client_arguments(send)
+    send.add_argument("--to", required=True, help="the recipient's address (40 hex digits)")
+    send.add_argument("--amount", required=True, type=int, help="base units")
+    send.add_argument("--fee", type=int, default=1, help="base units (default 1)")
+    send.add_argument("--key", help="the sender's key file (default: the node's miner key)")
+    send.set_defaults(run=_send)
+    model = commands.add_parser("model", help="models on the chain")
+    model_commands = model.add_subparsers(dest="model_command", metavar="COMMAND",
+                                          required=True)
+    export = model_commands.add_parser("export", help="write a model as a file plain "
+                                                      "torch loads (torch.jit.load)")
+    _client_arguments(export)
+    export.add_argument("model_id")
+    export.add_argument("file")
+    export.set_defaults(run=_export)
     keygen = commands.add_parser("keygen", help="create a key file and print its address")
     keygen.add_argument("--out", required=True, help="the key file to create (never overwritten)")
     keygen.set_defaults(run=_keygen)

@@ -19,7 +19,7 @@ from consensus.errors import ConsensusError
 from consensus.keys import compute_address
 from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule, compute_schedule
 from consensus.tasks import FAMILY_CNN, FAMILY_MLP, compute_task_id
-from consensus.transactions import Transaction, compute_tx_id, signer_address
+from consensus.transactions import ModelTx, Transaction, compute_tx_id, signer_address
 from mining.artifacts import MissingArtifact
 from node.auth import Authenticator
 from node.node import Node, TipView
@@ -284,8 +284,15 @@ class Methods:
         raise RpcError(INVALID_ADDRESS_OR_KEY, "No such transaction in the given block")
 
     async def getaccount(self, address: object) -> dict:
-        account: Account = self.store.account(param_hex(address, "address", size=20))
-        return {"balance": account.balance, "nonce": account.nonce}
+        """Balance and nonce on the tip; `pendingnonce` counts the account's pooled
+        transfers and tasks too: the nonce its next transaction takes (geth's pending)."""
+        addr = param_hex(address, "address", size=20)
+        account: Account = self.store.account(addr)
+        pool = self.node.mempool
+        pooled = sum(1 for i in pool.ids() if not isinstance(pool.get(i), ModelTx)
+                     and signer_address(pool.get(i)) == addr)
+        return {"balance": account.balance, "nonce": account.nonce,
+                "pendingnonce": account.nonce + pooled}
 
     async def getbalance(self, address: object) -> int:
         return (await self.getaccount(address))["balance"]

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from consensus.blocks import compute_block_id
@@ -20,6 +21,7 @@ from consensus.encoding import encode
 from consensus.params import DEV, genesis_block
 from consensus.tasks import compute_task_id
 from consensus.transactions import Transaction, Transfer, sign_tx
+from mining.trainer import DataCache
 from node.datadir import read_key_file
 
 DPODL = str(Path(sys.executable).parent / "dpodl")
@@ -237,6 +239,7 @@ def test_every_method_against_a_real_node(chain_node):
     assert node.call("getrawmempool", True)[tx_id]["amount"] == 5
     assert node.call("getmempoolinfo")["size"] == len(pool_before) + 1
     assert node.call("gettransaction", tx_id)["confirmations"] == 0
+    assert node.call("getaccount", key.address.hex())["pendingnonce"] == account["nonce"] + 1
     # The same nonce again is refused with the rule's reason, and changes nothing.
     again = sign_tx(Transfer(key.pubkey, bytes(20), 6, 1, account["nonce"]), key)
     err = node.error("sendrawtransaction", encode(again, Transaction).hex())
@@ -275,3 +278,32 @@ def test_every_method_against_a_real_node(chain_node):
 
     with urllib.request.urlopen(f"http://127.0.0.1:{node.port}/health") as response:
         assert json.loads(response.read())["status"] == "ok"
+
+    # The client commands: send from the node's key, export the tip's model.
+    sent = subprocess.run([DPODL, "send", "--to", "ab" * 20, "--amount", "7"], env=node.env,
+                          capture_output=True, text=True, timeout=STOP_TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    assert node.call("getrawmempool", True)[sent.stdout.strip()]["amount"] == 7
+    path = node.home / "tip-model.pt"
+    exported = subprocess.run([DPODL, "model", "export", model_id, str(path)], env=node.env,
+                              capture_output=True, text=True, timeout=STOP_TIMEOUT)
+    assert exported.returncode == 0, exported.stderr
+    check_exported_model(path, one["proof"]["n_correct"])
+
+
+def check_exported_model(path: Path, n_correct: int) -> None:
+    """Plain torch, in a fresh interpreter that imports nothing of this project, loads
+    the file and scores the dev task's raw validation images as the chain recorded."""
+    splits = DataCache(None).splits(DEV.genesis_task.dataset)
+    images, labels = path.with_suffix(".images.npy"), path.with_suffix(".labels.npy")
+    np.save(images, splits.val.images.numpy())
+    np.save(labels, splits.val.labels.numpy())
+    script = ("import sys, numpy, torch; m = torch.jit.load(sys.argv[1]); "
+              "x = torch.from_numpy(numpy.load(sys.argv[2])); "
+              "y = torch.from_numpy(numpy.load(sys.argv[3])); "
+              "print(int((m(x).argmax(1) == y).sum()))")
+    scored = subprocess.run([sys.executable, "-I", "-c", script, str(path), str(images),
+                             str(labels)], capture_output=True, text=True, cwd=path.parent,
+                            timeout=STOP_TIMEOUT)
+    assert scored.returncode == 0, scored.stderr
+    assert abs(int(scored.stdout) - n_correct) <= DEV.genesis_task.eps_correct
