@@ -77,8 +77,6 @@ def _client_errors() -> tuple[type[Exception], ...]:
 def _send(args: argparse.Namespace) -> int:
     from consensus.encoding import encode
     from consensus.transactions import Transaction, Transfer, sign_tx
-    from node.config import load_config
-    from node.datadir import DataDir, read_key_file
 
     try:
         to = bytes.fromhex(args.to)
@@ -88,15 +86,39 @@ def _send(args: argparse.Namespace) -> int:
         print("dpodl send: --to must be an address: 40 hex digits", file=sys.stderr)
         return 2
     try:
-        path = Path(args.key) if args.key else DataDir(
-            load_config(args, os.environ).datadir).key_path
-        key = read_key_file(path)
+        key = _sender_key(args)
         nonce = _client(args, "getaccount", key.address.hex())["pendingnonce"]
         tx = sign_tx(Transfer(key.pubkey, to, args.amount, args.fee, nonce), key)
         print(_client(args, "sendrawtransaction", encode(tx, Transaction).hex()))
     except _client_errors() as e:
         print(f"dpodl send: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _sender_key(args: argparse.Namespace):  # noqa: ANN202 (PrivateKey)
+    from node.config import load_config
+    from node.datadir import DataDir, read_key_file
+
+    path = Path(args.key) if args.key else DataDir(load_config(args, os.environ).datadir).key_path
+    return read_key_file(path)
+
+
+def _submit_task(args: argparse.Namespace) -> int:
+    from consensus.encoding import encode
+    from consensus.transactions import TaskTx, Transaction, sign_tx
+    from node.taskfile import TaskFileError, load_task_file
+
+    try:
+        key = _sender_key(args)
+        task = load_task_file(Path(args.file), key.address)
+        nonce = _client(args, "getaccount", key.address.hex())["pendingnonce"]
+        tx = sign_tx(TaskTx(key.pubkey, task, args.fee, nonce), key)
+        result = _client(args, "submittask", encode(tx, Transaction).hex())
+    except (*_client_errors(), TaskFileError) as e:
+        print(f"dpodl task submit: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -195,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--fee", type=int, default=1, help="base units (default 1)")
     send.add_argument("--key", help="the sender's key file (default: the node's miner key)")
     send.set_defaults(run=_send)
+    task = commands.add_parser("task", help="tasks for the miners")
+    task_commands = task.add_subparsers(dest="task_command", metavar="COMMAND", required=True)
+    submit = task_commands.add_parser("submit", help="publish a task from a TOML file, "
+                                                     "escrowing its bounty")
+    _client_arguments(submit)
+    submit.add_argument("file", help="the task file (see node/taskfile.py for its fields)")
+    submit.add_argument("--fee", type=int, default=1, help="base units (default 1)")
+    submit.add_argument("--key", help="the publisher's key file (default: the node's key)")
+    submit.set_defaults(run=_submit_task)
     model = commands.add_parser("model", help="models on the chain")
     model_commands = model.add_subparsers(dest="model_command", metavar="COMMAND",
                                           required=True)

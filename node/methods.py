@@ -19,7 +19,7 @@ from consensus.errors import ConsensusError
 from consensus.keys import compute_address
 from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule, compute_schedule
 from consensus.tasks import FAMILY_CNN, FAMILY_MLP, compute_task_id
-from consensus.transactions import ModelTx, Transaction, compute_tx_id, signer_address
+from consensus.transactions import ModelTx, TaskTx, Transaction, compute_tx_id, signer_address
 from mining.artifacts import MissingArtifact
 from node.auth import Authenticator
 from node.node import Node, TipView
@@ -248,6 +248,21 @@ class Methods:
         except MissingArtifact as e:
             raise RpcError(VERIFY_ERROR, f"missing-artifact: {e}") from None
         return tx_id.hex()
+
+    async def submittask(self, hexstring: object) -> dict:
+        """Publish a task: a signed task transaction (see `dpodl task submit`)."""
+        raw = param_hex(hexstring, "hexstring")
+        try:
+            tx = decode(Transaction, raw)
+        except DecodeError as e:
+            raise RpcError(DESERIALIZATION_ERROR, f"TX decode failed: {e}") from None
+        if not isinstance(tx, TaskTx):
+            raise RpcError(INVALID_PARAMETER, "not a task transaction: use sendrawtransaction")
+        try:
+            tx_id = await self.node.submit_transaction(tx)
+        except ConsensusError as e:
+            raise RpcError(VERIFY_REJECTED, str(e)) from None
+        return {"txid": tx_id.hex(), "task": compute_task_id(tx.task).hex()}
 
     async def submitblock(self, hexdata: object) -> str | None:
         raw = param_hex(hexdata, "hexdata")

@@ -290,6 +290,20 @@ def test_every_method_against_a_real_node(chain_node):
     assert exported.returncode == 0, exported.stderr
     check_exported_model(path, one["proof"]["n_correct"])
 
+    # A task published from a file: its transaction pooled, then mined and queued.
+    task_file = node.home / "task.toml"
+    task_file.write_text('dataset = "digits"\nbounty = 50\nduration = 3\nwm_ppm = 20000\n')
+    submitted = subprocess.run([DPODL, "task", "submit", str(task_file)], env=node.env,
+                               capture_output=True, text=True, timeout=STOP_TIMEOUT)
+    assert submitted.returncode == 0, submitted.stderr
+    published = json.loads(submitted.stdout)
+    assert published["txid"] in node.call("getrawmempool")
+    node.call("setgenerate", True)
+    node.wait_for(lambda: published["task"] in [t["id"] for t in node.call("listtasks")],
+                  "the task to be mined and queued")
+    assert node.call("gettask", published["task"])["bounty"] == 50
+    node.call("setgenerate", False)
+
 
 def check_exported_model(path: Path, n_correct: int) -> None:
     """Plain torch, in a fresh interpreter that imports nothing of this project, loads
