@@ -10,6 +10,7 @@ thread one at a time, in the order they were asked for.
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -120,8 +121,15 @@ class Node:
                  self.config.rpc_port, self.datadir.cookie_path)
         if self.config.mine:
             self.start_mining()
+        status = None
+        if sys.stderr.isatty():
+            from node.progress import StatusLine, show_status
+
+            status = asyncio.ensure_future(show_status(self, StatusLine(sys.stderr)))
         try:
             await self.stopping.wait()
+            if status is not None:
+                await status
         finally:
             log.info("shutting down")
             await self.close()

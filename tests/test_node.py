@@ -4,6 +4,9 @@ over HTTP JSON-RPC and with `dpodl rpc`, mining real blocks on the digits dev ta
 import base64
 import json
 import os
+import pty
+import re
+import select
 import signal
 import socket
 import subprocess
@@ -161,6 +164,32 @@ def test_sigterm_stops_the_node_and_a_restart_keeps_its_chain(running, tmp_path)
     assert again.call("getblockhash", height) == tip
     assert again.call("getmininginfo")["generate"] is False
     assert again.stop(signal.SIGINT) == 0
+
+
+def test_an_interactive_terminal_shows_training_progress(tmp_path):
+    """On a terminal (a pty here) the node keeps a status line of the draw in training."""
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "HOME": str(tmp_path), "DPODL_RPC_PORT": str(free_port())}
+    proc = subprocess.Popen([DPODL, "node", "--mine"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"validation" not in seen and time.monotonic() < deadline:
+            if select.select([controller], [], [], 1.0)[0]:
+                seen += os.read(controller, 65536)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(STOP_TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)
+    text = seen.decode(errors="replace")
+    assert "\r\x1b[K" in text and "dev height" in text
+    line = re.search(r"training draw \d+: step (\d+)/400, validation (\d+\.\d)%", text)
+    assert line is not None, text[-2000:]
+    assert int(line.group(1)) % DEV.genesis_task.k == 0
 
 
 def test_second_node_on_the_same_data_directory_is_refused(running):
