@@ -11,13 +11,17 @@ Contenders, each a server in its own process on 127.0.0.1:
   the miner's first draw; a window counts as mining only if getmininginfo's draws or
   minedblocks grew across it. `setgenerate false` follows, so idle and mining samples of
   the one node interleave.
+- bare, mining: the bare server measured in the same mining phase, which separates what
+  sharing the cores with the miner costs any server from what the node itself loses.
 
 The client runs in this process: an aiohttp ClientSession with a fixed number of workers,
 each sending one request at a time over a kept-alive connection for a fixed duration per
 sample (after a short warm-up), checking every answer. It competes with the servers (and
 the miner) for the same cores, which is part of what the figures show. The order of the
 contenders rotates between repetitions; medians over repetitions are reported, ratios as
-the median of the per-repetition ratios.
+the median of the per-repetition ratios. Where the client, not the server, runs out of CPU,
+requests per second cannot tell the servers apart; the servers' CPU time per request
+(from /proc) is printed beside them for that.
 """
 
 import argparse
@@ -33,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -101,10 +105,19 @@ class Server:
             tail = self.log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process, all its threads, so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User + system CPU time so far of the server's main thread (its event loop) and
+        of all its other threads (the node's chain thread, the miner's reader thread)."""
+        main = other = 0.0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+                if task.name == str(self.proc.pid):
+                    main += seconds
+                else:
+                    other += seconds
+        return main, other
 
     def close(self) -> None:
         """SIGTERM (the node stops its miner and removes its cookie), then SIGKILL to
@@ -170,7 +183,8 @@ class Sample:
     rps: float
     p50_ms: float
     p99_ms: float
-    server_cpu_us: float  # server process CPU per request
+    loop_cpu_us: float  # the server's main thread (event loop) CPU per request
+    other_cpu_us: float  # the server's other threads' CPU per request
     client_cpu_us: float  # this process's CPU per request
     busy: float  # share of all cores busy (anyone's work, steal included) in the window
 
@@ -208,27 +222,54 @@ async def measure(server: Server, workers: int, seconds: float, warmup: float) -
         t0 = time.perf_counter()
         latencies = await load(session, server, workers, seconds)
         elapsed = time.perf_counter() - t0
-        server_cpu = server.cpu_seconds() - server_cpu
+        server_cpu = [b - a for a, b in zip(server_cpu, server.cpu_seconds(), strict=True)]
         client_cpu = time.process_time() - client_cpu
         busy, total = (b - a for a, b in zip(cores, machine_cpu(), strict=True))
     n = len(latencies)
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    return Sample(n / elapsed, cuts[49] * 1e3, cuts[98] * 1e3, server_cpu / n * 1e6,
-                  client_cpu / n * 1e6, busy / max(total, 1))
+    return Sample(n / elapsed, cuts[49] * 1e3, cuts[98] * 1e3, server_cpu[0] / n * 1e6,
+                  server_cpu[1] / n * 1e6, client_cpu / n * 1e6, busy / max(total, 1))
 
 
 # -- the run ---------------------------------------------------------------------------------
 
-BARE, BARE_AA, IDLE, MINING = "bare aiohttp", "bare A/A", "node idle", "node mining"
+BARE, BARE_AA, IDLE = "bare aiohttp", "bare A/A", "node idle"
+MINING, BARE_MINING = "node mining", "bare, mining"  # the latter: bare while the node mines
+NAMES = (BARE, IDLE, BARE_AA, MINING, BARE_MINING)
 
 
 @dataclass(slots=True)
 class MiningLog:
+    """What getmininginfo said across the windows measured while the node mined."""
+
     windows: int = 0
-    confirmed: int = 0
+    confirmed: int = 0  # windows across which draws or minedblocks grew
+    trained: int = 0  # of the others, windows across which the draw in training moved on
     draws: int = 0
     blocks: int = 0
-    steps: int = 0  # miner progress reports whose step count moved
+    mtxs: int = 0
+    node_solutions: int = 0  # blocks and model txs found while the node itself was measured
+    node_seconds: float = 0.0
+    quiet: list[float] = field(default_factory=list)  # node req/s in windows with no solution
+
+    def record(self, start: dict, end: dict, node_rps: float | None, seconds: float) -> None:
+        if end["error"] or not end["generate"]:
+            raise RuntimeError(f"the node is not mining: {end}")
+        self.windows += 1
+        if end["draws"] > start["draws"] or end["minedblocks"] > start["minedblocks"]:
+            self.confirmed += 1
+        elif start["current"] != end["current"]:  # one long draw: its checkpoints advanced
+            self.trained += 1
+        self.draws += end["draws"] - start["draws"]
+        self.blocks += end["minedblocks"] - start["minedblocks"]
+        self.mtxs += end["modeltxs"] - start["modeltxs"]
+        solutions = (end["minedblocks"] - start["minedblocks"]
+                     + end["modeltxs"] - start["modeltxs"])
+        if node_rps is not None:
+            self.node_solutions += solutions
+            self.node_seconds += seconds
+            if not solutions:
+                self.quiet.append(node_rps)
 
 
 async def run(args: argparse.Namespace, home: Path, servers: list[Server]) -> None:
@@ -241,7 +282,7 @@ async def run(args: argparse.Namespace, home: Path, servers: list[Server]) -> No
 
     async with aiohttp.ClientSession() as control:
         for server in (bare, bare_aa):
-            await wait_until(server, lambda s=server: call(control, s, "ping"),
+            await wait_until(server, lambda s=server: _answers(control, s),
                              f"{server.name} to answer")
 
         async def node_up() -> bool:
@@ -254,51 +295,62 @@ async def run(args: argparse.Namespace, home: Path, servers: list[Server]) -> No
               f"{await call(control, node, 'getblockcount')}", flush=True)
 
         log = MiningLog()
+        samples: dict[str, list[Sample]] = {name: [] for name in NAMES}
 
-        async def mining_window() -> Sample:
+        async def idle_phase(order: list[tuple[str, Server]]) -> None:
+            info = await call(control, node, "getmininginfo")
+            if info["generate"]:
+                raise RuntimeError(f"the node still mines: {info}")
+            for name, server in order:
+                samples[name].append(await measure(server, args.workers, args.duration,
+                                                   args.warmup))
+
+        async def mining_phase(order: list[tuple[str, Server]]) -> None:
             before = await call(control, node, "getmininginfo")
             assert await call(control, node, "setgenerate", True) is True
+            # Not before the miner's first draw: the child's start (torch's import) is not
+            # the steady state the goal is about.
             await wait_until(node, lambda: _moved(control, node, before),
                              "the miner's first draw")
-            start = await call(control, node, "getmininginfo")
-            sample = await measure(node, args.workers, args.duration, args.warmup)
-            end = await call(control, node, "getmininginfo")
-            assert await call(control, node, "setgenerate", False) is False
-            log.windows += 1
-            log.draws += end["draws"] - start["draws"]
-            log.blocks += end["minedblocks"] - start["minedblocks"]
-            log.steps += (start["current"] or {}).get("steps") != (end["current"] or {}).get(
-                "steps")
-            if end["draws"] > start["draws"] or end["minedblocks"] > start["minedblocks"]:
-                log.confirmed += 1
-            if end["error"]:
-                raise RuntimeError(f"the miner reported an error: {end['error']}")
+            try:
+                for name, server in order:
+                    t0 = time.perf_counter()
+                    start = await call(control, node, "getmininginfo")
+                    sample = await measure(server, args.workers, args.duration, args.warmup)
+                    end = await call(control, node, "getmininginfo")
+                    log.record(start, end, sample.rps if server is node else None,
+                               time.perf_counter() - t0)
+                    samples[name].append(sample)
+            finally:
+                assert await call(control, node, "setgenerate", False) is False
             await asyncio.sleep(SETTLE)
-            return sample
 
-        async def idle_window() -> Sample:
-            info = await call(control, node, "getmininginfo")
-            assert info["generate"] is False, info
-            return await measure(node, args.workers, args.duration, args.warmup)
-
-        contenders = {
-            BARE: lambda: measure(bare, args.workers, args.duration, args.warmup),
-            IDLE: idle_window,
-            BARE_AA: lambda: measure(bare_aa, args.workers, args.duration, args.warmup),
-            MINING: mining_window,
-        }
-        names = list(contenders)
-        samples: dict[str, list[Sample]] = {name: [] for name in names}
         for rep in range(args.reps):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for name in order:  # rotated, so no contender always follows the miner's stop
-                samples[name].append(await contenders[name]())
+            # Rotated orders, and the mining phase first in every other repetition, so
+            # that no contender always runs first, or right after the miner stopped.
+            idle = _rotate([(BARE, bare), (IDLE, node), (BARE_AA, bare_aa)], rep)
+            mining = _rotate([(MINING, node), (BARE_MINING, bare)], rep)
+            if rep % 2 == 0:
+                await idle_phase(idle)
+                await mining_phase(mining)
+            else:
+                await mining_phase(mining)
+                await idle_phase(idle)
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
-                f"{name} {samples[name][-1].rps:,.0f}" for name in names) + " req/s",
+                f"{name} {samples[name][-1].rps:,.0f}" for name in NAMES) + " req/s",
                 flush=True)
         height = await call(control, node, "getblockcount")
 
     report(args, samples, log, height)
+
+
+def _rotate(items: list, n: int) -> list:
+    n %= len(items)
+    return items[n:] + items[:n]
+
+
+async def _answers(session: aiohttp.ClientSession, server: Server) -> bool:
+    return await call(session, server, "ping") == 0
 
 
 async def _moved(session: aiohttp.ClientSession, node: Server, before: dict) -> bool:
@@ -319,31 +371,47 @@ def report(args: argparse.Namespace, samples: dict[str, list[Sample]], log: Mini
           f"(this process), the server and, while mining, the miner's child process (1 torch "
           f"thread); {args.workers} workers, {args.duration:g} s per sample after "
           f"{args.warmup:g} s warm-up, median of {args.reps} reps")
+    print(f"'{BARE_MINING}': the bare server measured while the node mines. CPU per request: "
+          "the server's event-loop thread, its other threads, the client; cores busy: all "
+          "processes")
     print(f"{'contender':<14}{'req/s':>9}{'min':>8}{'max':>8}{'p50 ms':>8}{'p99 ms':>8}"
-          f"{'server us/req':>15}{'client us/req':>15}{'cores busy':>12}")
+          f"{'loop us':>9}{'other us':>10}{'client us':>11}{'cores busy':>12}")
     for name, ss in samples.items():
         rps = [s.rps for s in ss]
-        med = {field: statistics.median(getattr(s, field) for s in ss)
-               for field in ("p50_ms", "p99_ms", "server_cpu_us", "client_cpu_us", "busy")}
+        med = {key: statistics.median(getattr(s, key) for s in ss)
+               for key in ("p50_ms", "p99_ms", "loop_cpu_us", "other_cpu_us", "client_cpu_us",
+                             "busy")}
         print(f"{name:<14}{statistics.median(rps):>9,.0f}{min(rps):>8,.0f}{max(rps):>8,.0f}"
-              f"{med['p50_ms']:>8.2f}{med['p99_ms']:>8.2f}{med['server_cpu_us']:>15.0f}"
-              f"{med['client_cpu_us']:>15.0f}{med['busy']:>11.0%}")
+              f"{med['p50_ms']:>8.2f}{med['p99_ms']:>8.2f}{med['loop_cpu_us']:>9.0f}"
+              f"{med['other_cpu_us']:>10.0f}{med['client_cpu_us']:>11.0f}{med['busy']:>12.0%}")
     print(f"mining windows: {log.confirmed}/{log.windows} with draws or minedblocks growing "
-          f"across the window ({log.draws} draws, {log.blocks} blocks in all; chain height "
-          f"{height} at the end)")
+          f"across the window ({log.draws} draws, {log.blocks} blocks, {log.mtxs} model txs in "
+          f"all; chain height {height} at the end); while the node itself was measured "
+          f"mining it received {log.node_solutions / log.node_seconds:.1f} solutions/s "
+          "(blocks and model txs), each published and checked on its chain thread")
+    if log.quiet:
+        idle = statistics.median(s.rps for s in samples[IDLE])
+        print(f"mining windows in which the node received no solution (no block or model tx "
+              f"to check): {len(log.quiet)}, median {statistics.median(log.quiet):,.0f} req/s "
+              f"= {statistics.median(log.quiet) / idle:.2f} of node idle")
     rows = [("A/A: bare A/A / bare", BARE_AA, BARE, None),
             ("node idle / bare", IDLE, BARE, GOAL_NODE),
             ("node mining / node idle", MINING, IDLE, GOAL_MINING),
-            ("node mining / bare", MINING, BARE, None)]
+            ("node mining / bare", MINING, BARE, None),
+            ("bare, mining / bare", BARE_MINING, BARE, None),
+            ("node mining / bare, mining", MINING, BARE_MINING, None)]
     for label, a, b, goal in rows:
         med, lo, hi = ratio(samples, a, b)
         verdict = "" if goal is None else (
             f"   goal >= {goal:.2f}: {'met' if med >= goal else 'NOT met'}")
-        print(f"{label:<26}{med:>6.2f}  (reps {lo:.2f}-{hi:.2f}){verdict}")
+        print(f"{label:<28}{med:>6.2f}  (reps {lo:.2f}-{hi:.2f}){verdict}")
+    cpu = statistics.median((b.loop_cpu_us + b.other_cpu_us) / (n.loop_cpu_us + n.other_cpu_us)
+                            for b, n in zip(samples[BARE], samples[IDLE], strict=True))
+    print(f"server CPU per request, bare / node idle: {cpu:.2f} (the node's capacity relative "
+          "to bare where the server, not the client, is what runs out of CPU)")
     if log.confirmed < log.windows:
-        print(f"warning: {log.windows - log.confirmed} mining window(s) showed no new draw or "
-              "block; the miner's draws may outlast a window (progress moved in "
-              f"{log.steps} of them)")
+        print(f"warning: {log.windows - log.confirmed} window(s) while mining showed no new "
+              f"draw or block; in {log.trained} of them the draw in training advanced")
 
 
 def main() -> None:
@@ -363,6 +431,9 @@ def main() -> None:
     from bench.common import start  # here: the bare server's process need not import torch
 
     start("bench.rpc", args)
+    # SIGTERM ends this process through the finally below, which stops the servers: they
+    # run in their own sessions, so nothing else would.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     servers: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="dpodl-bench-rpc-") as tmp:
         try:

@@ -42,8 +42,13 @@ class Progress:
 
 def _child(conn: Connection, device: str, datasets: str | None) -> None:
     """The child's loop: wait for a job, mine it until told otherwise, repeat."""
+    import os
+
     import torch
 
+    # Training takes whatever CPU is idle, and gives way at once to the node (RPC, block
+    # checks) and to everything else on the machine: the lowest scheduling priority.
+    os.nice(19)
     torch.set_num_threads(1)  # one core for training; the node keeps the others
     cache = DataCache(datasets)
     message = conn.recv()
