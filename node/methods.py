@@ -235,33 +235,29 @@ class Methods:
             return [i.hex() for i in pool.ids()]
         return {i.hex(): self._tx_json(pool.get(i)) for i in pool.ids()}
 
-    async def sendrawtransaction(self, hexstring: object) -> str:
-        raw = param_hex(hexstring, "hexstring")
+    def _decode_tx(self, hexstring: object) -> Transaction:
         try:
-            tx = decode(Transaction, raw)
+            return decode(Transaction, param_hex(hexstring, "hexstring"))
         except DecodeError as e:
             raise RpcError(DESERIALIZATION_ERROR, f"TX decode failed: {e}") from None
+
+    async def _submit_tx(self, tx: Transaction) -> Hash:
         try:
-            tx_id = await self.node.submit_transaction(tx)
+            return await self.node.submit_transaction(tx)
         except ConsensusError as e:
             raise RpcError(VERIFY_REJECTED, str(e)) from None
         except MissingArtifact as e:
             raise RpcError(VERIFY_ERROR, f"missing-artifact: {e}") from None
-        return tx_id.hex()
+
+    async def sendrawtransaction(self, hexstring: object) -> str:
+        return (await self._submit_tx(self._decode_tx(hexstring))).hex()
 
     async def submittask(self, hexstring: object) -> dict:
         """Publish a task: a signed task transaction (see `dpodl task submit`)."""
-        raw = param_hex(hexstring, "hexstring")
-        try:
-            tx = decode(Transaction, raw)
-        except DecodeError as e:
-            raise RpcError(DESERIALIZATION_ERROR, f"TX decode failed: {e}") from None
+        tx = self._decode_tx(hexstring)
         if not isinstance(tx, TaskTx):
             raise RpcError(INVALID_PARAMETER, "not a task transaction: use sendrawtransaction")
-        try:
-            tx_id = await self.node.submit_transaction(tx)
-        except ConsensusError as e:
-            raise RpcError(VERIFY_REJECTED, str(e)) from None
+        tx_id = await self._submit_tx(tx)
         return {"txid": tx_id.hex(), "task": compute_task_id(tx.task).hex()}
 
     async def submitblock(self, hexdata: object) -> str | None:
