@@ -77,6 +77,7 @@ class Node:
         self._chain_thread = ThreadPoolExecutor(1, thread_name_prefix="dpodl-chain")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
+        self._solutions: set[asyncio.Future] = set()  # solutions being handled
         self.db: Database | None = None
         self.key: PrivateKey | None = None
         self.miner: MinerService | None = None
@@ -136,8 +137,10 @@ class Node:
 
     async def close(self) -> None:
         if self.miner is not None:
-            await asyncio.to_thread(self.miner.stop)
-            self.miner = None
+            miner, self.miner = self.miner, None
+            await asyncio.to_thread(miner.stop)
+        if self._solutions:  # let the ones under way finish before the chain closes
+            await asyncio.gather(*self._solutions, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -220,14 +223,30 @@ class Node:
             log.error("miner: %s", payload)
         elif kind == "solution":
             assert isinstance(payload, Solution) and miner.job is not None
-            asyncio.ensure_future(self._on_solution(miner.job, payload))
+            task = asyncio.ensure_future(self._on_solution(miner.job, generation, payload))
+            self._solutions.add(task)
+            task.add_done_callback(self._solutions.discard)
 
-    async def _on_solution(self, job: Job, solution: Solution) -> None:
+    async def _on_solution(self, job: Job, generation: int, solution: Solution) -> None:
+        """Store a solution's artifacts, then pool its model transaction or assemble and
+        add its block. After a block the miner has stopped: it gets a new job whatever
+        became of the block (a refused one too, or mining would stall)."""
+        try:
+            if solution.prev_id == self.store.tip_id:
+                await self.on_chain_thread(solution.publish, self.artifacts)
+                await self._use_solution(job, solution)
+            else:
+                self.stats.stale += 1
+        except Exception:  # a bug here must not go unseen, nor stop the miner
+            log.exception("handling the miner's %s failed", solution.kind)
+        finally:
+            miner = self.miner
+            if (solution.kind == "block" and miner is not None
+                    and miner.generation == generation and not self.stopping.is_set()):
+                self._renew_job()
+
+    async def _use_solution(self, job: Job, solution: Solution) -> None:
         assert self.key is not None
-        if solution.prev_id != self.store.tip_id:
-            self.stats.stale += 1
-            return
-        await self.on_chain_thread(solution.publish, self.artifacts)
         try:
             if solution.kind == "mtx":
                 tx = sign_tx(ModelTx(solution.prev_id, solution.proof, 0), self.key)
