@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from consensus.models import ModelBlob
+from consensus.models import ModelBlob, check_params_fit
 from mining.trainer import build_model
 
 
@@ -28,6 +28,8 @@ class _Scaled(nn.Module):
 
 def export_model(blob: ModelBlob, pixel_max: int, path: Path) -> None:
     """Write `blob` to `path` as TorchScript taking raw pixels of maximum `pixel_max`."""
+    if not check_params_fit(blob):
+        raise ValueError("the model's parameters do not fit its architecture")
     net = build_model(blob.arch)
     flat = torch.from_numpy(np.frombuffer(blob.params, dtype="<f4").copy())
     offset = 0
@@ -35,6 +37,7 @@ def export_model(blob: ModelBlob, pixel_max: int, path: Path) -> None:
         for p in net.parameters():
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
-    if offset != len(flat):
-        raise ValueError("the model's parameters do not fit its architecture")
-    torch.jit.script(_Scaled(net.eval(), pixel_max)).save(str(path))
+    try:
+        torch.jit.script(_Scaled(net.eval(), pixel_max)).save(str(path))
+    except RuntimeError as e:  # torch's word for a path it cannot write
+        raise OSError(f"cannot write {path}: {e}") from None

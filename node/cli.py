@@ -131,6 +131,8 @@ def _export(args: argparse.Namespace) -> int:
         model = _client(args, "getmodel", args.model_id, True)
         if "weights" not in model:
             raise ValueError(f"the node has no weights for model {args.model_id}")
+        if "task" not in model:
+            raise ValueError(f"model {args.model_id} is not on this chain")
         arch = Arch(**{**model["architecture"],
                        "widths": tuple(model["architecture"]["widths"])})
         dataset = _client(args, "gettask", model["task"])["dataset"]["name"]
@@ -181,6 +183,17 @@ def _rpcauth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _amount(text: str) -> int:
+    """An amount of base units: an integer that fits the chain's 64 bits."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 2^64 - 1")
+    return value
+
+
 def _client_arguments(parser: argparse.ArgumentParser) -> None:
     from node.config import add_node_arguments
 
@@ -213,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     send = commands.add_parser("send", help="send coins from a key's account")
     _client_arguments(send)
     send.add_argument("--to", required=True, help="the recipient's address (40 hex digits)")
-    send.add_argument("--amount", required=True, type=int, help="base units")
-    send.add_argument("--fee", type=int, default=1, help="base units (default 1)")
+    send.add_argument("--amount", required=True, type=_amount, help="base units")
+    send.add_argument("--fee", type=_amount, default=1, help="base units (default 1)")
     send.add_argument("--key", help="the sender's key file (default: the node's miner key)")
     send.set_defaults(run=_send)
     task = commands.add_parser("task", help="tasks for the miners")
@@ -223,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "escrowing its bounty")
     _client_arguments(submit)
     submit.add_argument("file", help="the task file (see node/taskfile.py for its fields)")
-    submit.add_argument("--fee", type=int, default=1, help="base units (default 1)")
+    submit.add_argument("--fee", type=_amount, default=1, help="base units (default 1)")
     submit.add_argument("--key", help="the publisher's key file (default: the node's key)")
     submit.set_defaults(run=_submit_task)
     model = commands.add_parser("model", help="models on the chain")
@@ -251,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C before the node's own handlers are in place
+        return 130
 
 
 if __name__ == "__main__":

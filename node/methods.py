@@ -34,6 +34,7 @@ from node.rpc import (
     param_bool,
     param_hex,
     param_int,
+    param_str,
 )
 from storage.chain import MissingParent
 from storage.schema import STATUS_INVALID, STATUS_VALID
@@ -151,7 +152,7 @@ class Methods:
         return self.store.tip_id.hex()
 
     async def getblockhash(self, height: object) -> str:
-        h = param_int(height, "height", min=0)
+        h = param_int(height, "height", min=0, max=(1 << 64) - 1)
         block_id = self.store.main_chain_id(h)
         if block_id is None:
             raise RpcError(INVALID_PARAMETER, "Block height out of range")
@@ -178,8 +179,13 @@ class Methods:
         return out
 
     async def getchaintips(self) -> list:
+        return await self.node.on_chain_thread(self._chain_tips)  # the index may change
+
+    def _chain_tips(self) -> list:
         tips = []
-        for block_id, entry in self.store.chain_tips():
+        leaves = dict(self.store.chain_tips())
+        leaves.setdefault(self.store.tip_id, self.store.tip)  # also under invalid children
+        for block_id, entry in leaves.items():
             fork = entry
             while not self.store.is_main_chain(compute_block_id(fork.header)):
                 fork = self.store.get_entry(fork.header.prev_id)
@@ -203,7 +209,7 @@ class Methods:
 
     async def getmininginfo(self) -> dict:
         node, stats = self.node, self.node.stats
-        ctx = self.store.next_context()
+        ctx = await node.on_chain_thread(self.store.next_context)  # waits out a block check
         task = node.active_task()
         progress = stats.progress
         return {"blocks": self.store.height, "difficulty": compute_difficulty(ctx.expected_target),
@@ -219,21 +225,27 @@ class Methods:
 
     async def setgenerate(self, generate: object) -> bool:
         if param_bool(generate, "generate"):
-            self.node.start_mining()
+            try:
+                await self.node.start_mining()
+            except RuntimeError as e:
+                raise RpcError(MISC_ERROR, str(e)) from None
         else:
             await self.node.stop_mining()
         return self.node.miner is not None
 
     # -- mempool and transactions ----------------------------------------------------------
 
+    # The mempool belongs to the chain thread: it is read there, never half-rebuilt.
+
     async def getmempoolinfo(self) -> dict:
-        return self.node.mempool.info()
+        return await self.node.on_chain_thread(self.node.mempool.info)
 
     async def getrawmempool(self, verbose: object = False) -> Any:
         pool = self.node.mempool
+        txs = await self.node.on_chain_thread(lambda: [(i, pool.get(i)) for i in pool.ids()])
         if not param_bool(verbose, "verbose"):
-            return [i.hex() for i in pool.ids()]
-        return {i.hex(): self._tx_json(pool.get(i)) for i in pool.ids()}
+            return [i.hex() for i, _ in txs]
+        return {i.hex(): self._tx_json(tx) for i, tx in txs}
 
     def _decode_tx(self, hexstring: object) -> Transaction:
         try:
@@ -279,13 +291,15 @@ class Methods:
     async def gettransaction(self, txid: object, blockhash: object = None) -> dict:
         tx_id = Hash(param_hex(txid, "txid", size=32))
         if blockhash is None:
-            tx = self.node.mempool.get(tx_id)
+            tx = await self.node.on_chain_thread(self.node.mempool.get, tx_id)
             if tx is None:
                 raise RpcError(INVALID_ADDRESS_OR_KEY, "No such mempool transaction; there "
                                "is no transaction index: give the block's hash")
             return self._tx_json(tx) | {"confirmations": 0}
         block_id = self._block_id(blockhash)
         block = self.store.get_block(block_id)
+        if block is None:
+            raise RpcError(INVALID_ADDRESS_OR_KEY, "Block not available")
         for tx in block.txs:
             if compute_tx_id(tx) == tx_id:
                 height = block.header.height
@@ -298,10 +312,14 @@ class Methods:
         """Balance and nonce on the tip; `pendingnonce` counts the account's pooled
         transfers and tasks too: the nonce its next transaction takes (geth's pending)."""
         addr = param_hex(address, "address", size=20)
-        account: Account = self.store.account(addr)
         pool = self.node.mempool
-        pooled = sum(1 for i in pool.ids() if not isinstance(pool.get(i), ModelTx)
-                     and signer_address(pool.get(i)) == addr)
+
+        def read() -> tuple[Account, int]:
+            txs = [pool.get(i) for i in pool.ids()]
+            return self.store.account(addr), sum(
+                1 for tx in txs if not isinstance(tx, ModelTx) and signer_address(tx) == addr)
+
+        account, pooled = await self.node.on_chain_thread(read)
         return {"balance": account.balance, "nonce": account.nonce,
                 "pendingnonce": account.nonce + pooled}
 
@@ -398,6 +416,7 @@ def build_rpc(node: Node, auth: Authenticator) -> RpcServer:
         names = server.methods()
         if command is None:
             return "\n".join(sorted(names))
+        command = param_str(command, "command")
         if command not in names:
             raise RpcError(MISC_ERROR, f"help: unknown command: {command}")
         return names[command]

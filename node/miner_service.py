@@ -127,10 +127,11 @@ class MinerService:
 
     def stop(self) -> None:
         """Stop the child: it finishes the interval in hand, or is killed after a while."""
-        process, conn = self._process, self._conn
-        if process is None or conn is None:
+        process, conn, reader = self._process, self._conn, self._reader
+        if process is None or conn is None or reader is None:
             return
         self.job = None
+        self._process = self._conn = self._reader = None  # the reader: this exit is ours
         with contextlib.suppress(BrokenPipeError, OSError):
             conn.send(("exit",))
         process.join(EXIT_TIMEOUT)
@@ -139,23 +140,26 @@ class MinerService:
             process.kill()
             process.join()
         conn.close()
-        if self._reader is not None:
-            self._reader.join(EXIT_TIMEOUT)
-        self._process = self._conn = self._reader = None
+        reader.join(EXIT_TIMEOUT)
         log.info("miner stopped")
 
     def _send(self, message: tuple) -> None:
+        """Send to the child; a dead child is reported by the reader, not here."""
         if self._conn is None:
-            raise RuntimeError("the miner is not running")
-        self._conn.send(message)
+            return
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self._conn.send(message)
 
     def _read(self) -> None:
-        conn = self._conn
-        assert conn is not None
+        conn, process = self._conn, self._process
+        assert conn is not None and process is not None
         while True:
             try:
                 kind, generation, payload = conn.recv()
             except (EOFError, OSError):
-                return  # the child exited or the pipe was closed by stop()
+                break  # the child exited, or stop() closed the pipe
             self.on_message(kind, generation, payload)
+        if self._process is process:  # not stopped by us: it died
+            process.join(EXIT_TIMEOUT)
+            self.on_message("died", self.generation, f"exit code {process.exitcode}")
 

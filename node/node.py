@@ -114,20 +114,20 @@ class Node:
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._loop.add_signal_handler(sig, self.stopping.set)
-        self._runner = web.AppRunner(rpc.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.rpc_bind, self.config.rpc_port)
-        await site.start()
-        log.info("JSON-RPC on http://%s:%d/ (cookie %s)", self.config.rpc_bind,
-                 self.config.rpc_port, self.datadir.cookie_path)
-        if self.config.mine:
-            self.start_mining()
         status = None
-        if sys.stderr.isatty():
-            from node.progress import StatusLine, show_status
-
-            status = asyncio.ensure_future(show_status(self, StatusLine(sys.stderr)))
         try:
+            self._runner = web.AppRunner(rpc.app(), access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.config.rpc_bind, self.config.rpc_port)
+            await site.start()
+            log.info("JSON-RPC on http://%s:%d/ (cookie %s)", self.config.rpc_bind,
+                     self.config.rpc_port, self.datadir.cookie_path)
+            if self.config.mine:
+                await self.start_mining()
+            if sys.stderr.isatty():
+                from node.progress import StatusLine, show_status
+
+                status = asyncio.ensure_future(show_status(self, StatusLine(sys.stderr)))
             await self.stopping.wait()
             if status is not None:
                 await status
@@ -169,7 +169,7 @@ class Node:
         if result.status == "connected":
             await self.on_chain_thread(self.mempool.update_for_tip, result)
             log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
-            self._renew_job()
+            await self._renew_job()
         return result
 
     async def submit_transaction(self, tx: Transaction) -> Hash:
@@ -178,28 +178,47 @@ class Node:
 
     # -- mining ----------------------------------------------------------------------------
 
-    def start_mining(self) -> None:
-        if self.miner is None:
-            self.miner = MinerService(self._from_miner, device=self.config.device,
-                                      datasets=self.config.datasets)
-            self.miner.start()
-        self._renew_job()
+    async def start_mining(self) -> None:
+        """Start the miner on the tip; a miner already at work goes on undisturbed."""
+        if self.stopping.is_set():
+            raise RuntimeError("the node is stopping")
+        if self.miner is not None and self.miner.running:
+            return
+        self.miner = MinerService(self._from_miner, device=self.config.device,
+                                  datasets=self.config.datasets)
+        self.miner.start()
+        await self._renew_job()
 
     async def stop_mining(self) -> None:
         if self.miner is not None:
             miner, self.miner = self.miner, None
             await asyncio.to_thread(miner.stop)
 
-    def _renew_job(self) -> None:
+    def _make_job(self) -> Job:
+        """A job on the tip (on the chain thread: the store's lock may be held long)."""
+        assert self.key is not None
+        t2 = self.store.next_context().expected_target
+        # Reference models (§7) are not chosen yet: every job trains from HtoA's init.
+        return Job(self.params, self.store.tip_id, self.active_task(), t2,
+                   compute_mtx_target(self.params, t2), self.key.pubkey)
+
+    async def _renew_job(self) -> None:
         if self.miner is None:
             return
+        job = await self.on_chain_thread(self._make_job)
+        if self.miner is not None and not self.stopping.is_set():
+            self.miner.set_job(job)
+
+    def _assemble(self, solution: Solution) -> Block | None:
+        """The block of a solution on the tip, with the mempool's transactions; None when
+        the tip moved on (on the chain thread, so nothing moves while it is built)."""
         assert self.key is not None
+        if solution.prev_id != self.store.tip_id:
+            return None
         ctx = self.store.next_context()
-        t2 = ctx.expected_target
-        # Reference models (§7) are not chosen yet: every job trains from HtoA's init.
-        job = Job(self.params, self.store.tip_id, self.active_task(), t2,
-                  compute_mtx_target(self.params, t2), self.key.pubkey)
-        self.miner.set_job(job)
+        timestamp = max(int(time.time()), ctx.median_time_past + 1)
+        return assemble_block(self.store.tip.header, timestamp, ctx.expected_target,
+                              solution.proof, self.mempool.select(), self.key)
 
     def _from_miner(self, kind: str, generation: int, payload: object) -> None:
         """Called on the miner's reader thread: hand over to the event loop."""
@@ -221,6 +240,10 @@ class Node:
         elif kind == "error":
             self.stats.error = str(payload)
             log.error("miner: %s", payload)
+        elif kind == "died":
+            self.stats.error = f"the miner process died ({payload})"
+            log.error("%s; setgenerate true starts a new one", self.stats.error)
+            self.miner = None
         elif kind == "solution":
             assert isinstance(payload, Solution) and miner.job is not None
             task = asyncio.ensure_future(self._on_solution(miner.job, generation, payload))
@@ -243,7 +266,7 @@ class Node:
             miner = self.miner
             if (solution.kind == "block" and miner is not None
                     and miner.generation == generation and not self.stopping.is_set()):
-                self._renew_job()
+                await self._renew_job()
 
     async def _use_solution(self, job: Job, solution: Solution) -> None:
         assert self.key is not None
@@ -257,18 +280,16 @@ class Node:
                          solution.proof.steps, solution.proof.n_correct,
                          job.task.dataset.val_size)
                 return
-            tip = self.store.tip
-            ctx = self.store.next_context()
-            timestamp = max(int(time.time()), ctx.median_time_past + 1)
-            txs = await self.on_chain_thread(self.mempool.select)
-            block = assemble_block(tip.header, timestamp, ctx.expected_target,
-                                   solution.proof, txs, self.key)
+            block = await self.on_chain_thread(self._assemble, solution)
+            if block is None:
+                self.stats.stale += 1
+                return
             await self.submit_block(block)
             self.stats.blocks += 1
             log.info("mined block %s at height %d: %d steps, %d/%d correct, %d txs",
                      compute_block_id(block.header).hex(), block.header.height,
                      solution.proof.steps, solution.proof.n_correct,
-                     job.task.dataset.val_size, len(txs))
+                     job.task.dataset.val_size, len(block.txs))
         except (ConsensusError, MissingParent, MissingArtifact) as e:
             log.error("own %s refused: %s", solution.kind, e)
 

@@ -59,11 +59,11 @@ def load_task_file(path: Path, publisher: Address) -> Task:
         raise TaskFileError(f"{path}: unknown field(s) {', '.join(unknown)}")
     bases = {p.genesis_task.dataset.name.decode(): p.genesis_task for p in NETWORKS.values()}
     name = fields.get("dataset")
-    if name not in bases:
+    if not isinstance(name, str) or name not in bases:
         raise TaskFileError(f"{path}: dataset must be one of {', '.join(sorted(bases))}")
     task = replace(bases[name], publisher=publisher)
     if "family" in fields:
-        if fields["family"] not in FAMILIES:
+        if not isinstance(fields["family"], str) or fields["family"] not in FAMILIES:
             raise TaskFileError(f"{path}: family must be mlp or cnn")
         task = replace(task, arch=replace(task.arch, family=FAMILIES[fields["family"]]))
     for key, (part, low, high) in RANGES.items():

@@ -45,6 +45,14 @@ def test_rpcauth_line_admits_its_password_and_nothing_else(capsys):
     assert not auth.check(basic("bob", password))
 
 
+@pytest.mark.parametrize("flag", ["--amount", "--fee"])
+def test_send_refuses_amounts_beyond_64_bits(capsys, flag):
+    argv = ["send", "--to", "ab" * 20, "--amount", "1", flag, str(1 << 64)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "not between 0 and 2^64 - 1" in capsys.readouterr().err
+
+
 def test_send_refuses_a_bad_address_before_anything_else(capsys):
     assert main(["send", "--to", "not-hex", "--amount", "1"]) == 2
     assert "40 hex digits" in capsys.readouterr().err

@@ -192,6 +192,21 @@ def test_an_interactive_terminal_shows_training_progress(tmp_path):
     assert int(line.group(1)) % DEV.genesis_task.k == 0
 
 
+def test_a_dead_miner_is_reported_and_setgenerate_starts_a_new_one(running):
+    node = running("--mine")
+    node.wait_blocks(1)
+    log = (node.datadir / "debug.log").read_text()
+    pid = int(re.findall(r"miner started \(pid (\d+)", log)[-1])
+    os.kill(pid, signal.SIGKILL)
+    node.wait_for(lambda: "died" in (node.call("getmininginfo")["error"] or ""),
+                  "the death to be noticed", timeout=STOP_TIMEOUT)
+    assert node.call("getmininginfo")["generate"] is False
+    height = node.call("getblockcount")
+    assert node.call("setgenerate", True) is True
+    node.wait_blocks(height + 1)
+    assert node.stop() == 0
+
+
 def test_second_node_on_the_same_data_directory_is_refused(running):
     node = running()
     node.wait_for(lambda: node.call("getblockcount") == 0, "the node")
@@ -236,6 +251,8 @@ def test_every_method_against_a_real_node(chain_node):
     assert node.call("getblockhash", 0) == genesis
     assert node.call("getblockhash", height) == tip
     assert node.error("getblockhash", height + 1)["code"] == -8
+    assert node.error("getblockhash", 1 << 64)["code"] == -8
+    assert node.error("help", [1])["code"] == -3
 
     header = node.call("getblockheader", tip)
     assert header["height"] == height and header["confirmations"] == 1

@@ -58,6 +58,8 @@ bounty = 9
 @pytest.mark.parametrize(("text", "message"), [
     ("bounty = 1\n", "dataset must be one of digits, mnist"),
     ('dataset = "cifar"\n', "dataset must be one of"),
+    ('dataset = ["mnist"]\n', "dataset must be one of"),
+    ('dataset = "digits"\nfamily = ["mlp"]\n', "family must be mlp or cnn"),
     ('dataset = "digits"\nbountty = 1\n', "unknown field(s) bountty"),
     ('dataset = "digits"\nfamily = "rnn"\n', "family must be mlp or cnn"),
     ('dataset = "digits"\ndepth = 2\n', "depth must be [min, max]"),
