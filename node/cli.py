@@ -9,6 +9,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from consensus.blocks import compute_block_id
+from consensus.keys import PrivateKey
 from consensus.params import NETWORKS, genesis_block
 from consensus.tasks import compute_task_id
 
@@ -96,7 +97,7 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sender_key(args: argparse.Namespace):  # noqa: ANN202 (PrivateKey)
+def _sender_key(args: argparse.Namespace) -> PrivateKey:
     from node.config import load_config
     from node.datadir import DataDir, read_key_file
 
@@ -160,7 +161,6 @@ def _rpc(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from consensus.keys import PrivateKey
     from node.datadir import DataDirError, write_key_file
 
     key = PrivateKey.generate()

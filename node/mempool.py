@@ -35,7 +35,6 @@ Choices where PROTOCOL.md is silent, made here:
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from consensus.blocks import MAX_BLOCK_TXS, Block, BlockHeader, block_size
 from consensus.difficulty import compute_mtx_target
@@ -47,14 +46,13 @@ from consensus.seal import SealEngine
 from consensus.state import (
     SCHEDULE_KEY,
     U64_MAX,
-    StateKey,
     StateOverlay,
     apply_transaction,
     compute_schedule,
 )
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, validate_tx_signature
 from mining.artifacts import MissingArtifact
-from storage.chain import AddResult, ChainStore
+from storage.chain import AddResult, ChainStore, TipState
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +71,6 @@ def _largest_header() -> BlockHeader:
 # A block encodes as [header, [tx, ...]]: at most this many bytes besides its transactions'
 # own encodings (+4: the transaction array's length prefix grows from 1 byte to at most 5).
 BLOCK_OVERHEAD = block_size(Block(_largest_header())) + 4
-
-
-class _TipState:
-    """The main chain tip's state as a consensus StateView."""
-
-    def __init__(self, store: ChainStore) -> None:
-        self._store = store
-
-    def get(self, key: StateKey) -> Any | None:
-        return self._store.get_state(key)
 
 
 @dataclass(slots=True)
@@ -192,7 +180,7 @@ class Mempool:
         """An empty pool on the store's current tip."""
         self._tip_id = self.store.tip_id
         self._height = self.store.height + 1
-        self._overlay = StateOverlay(_TipState(self.store))
+        self._overlay = StateOverlay(TipState(self.store))
         schedule, self._task = compute_schedule(self.params, self._overlay, self._height)
         self._overlay.set(SCHEDULE_KEY, schedule)  # as apply_block does before the txs
         self._mtx_target = compute_mtx_target(self.params,

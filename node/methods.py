@@ -17,12 +17,12 @@ from consensus.difficulty import compute_difficulty
 from consensus.encoding import DecodeError, Hash, decode, encode
 from consensus.errors import ConsensusError
 from consensus.keys import compute_address
-from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule, compute_schedule
+from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule
 from consensus.tasks import FAMILY_CNN, FAMILY_MLP, compute_task_id
 from consensus.transactions import ModelTx, TaskTx, Transaction, compute_tx_id, signer_address
 from mining.artifacts import MissingArtifact
 from node.auth import Authenticator
-from node.node import Node, TipView
+from node.node import Node
 from node.rpc import (
     INVALID_ADDRESS_OR_KEY,
     INVALID_PARAMETER,
@@ -36,7 +36,7 @@ from node.rpc import (
     param_int,
     param_str,
 )
-from storage.chain import MissingParent
+from storage.chain import ChainStore, MissingParent
 from storage.schema import STATUS_INVALID, STATUS_VALID
 
 DESERIALIZATION_ERROR = -22  # Core's RPC_DESERIALIZATION_ERROR
@@ -65,7 +65,7 @@ class Methods:
     # -- helpers ---------------------------------------------------------------------------
 
     @property
-    def store(self):  # noqa: ANN201 (ChainStore)
+    def store(self) -> ChainStore:
         return self.node.store
 
     def _block_id(self, value: object, name: str = "blockhash") -> Hash:
@@ -337,12 +337,12 @@ class Methods:
         return out
 
     async def listtasks(self) -> list:
-        schedule, _ = self._schedule()
+        schedule, _ = self.node.next_schedule()
         return ([self._task_json(schedule.active, "active", schedule)]
                 + [self._task_json(i, "queued", schedule) for i in schedule.queue])
 
     async def gettask(self, task_id: object = None) -> dict:
-        schedule, active = self._schedule()
+        schedule, active = self.node.next_schedule()
         if task_id is None:
             return self._task_json(compute_task_id(active), "active", schedule)
         wanted = Hash(param_hex(task_id, "task_id", size=32))
@@ -352,9 +352,6 @@ class Methods:
             return self._task_json(wanted, "active", schedule)
         status = "queued" if wanted in schedule.queue else "finished"
         return self._task_json(wanted, status, schedule)
-
-    def _schedule(self) -> tuple[Schedule, Any]:
-        return compute_schedule(self.node.params, TipView(self.store), self.store.height + 1)
 
     async def getmodel(self, model_id: object, weights: object = False) -> dict:
         mid = Hash(param_hex(model_id, "model_id", size=32))

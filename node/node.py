@@ -25,7 +25,7 @@ from consensus.encoding import Hash
 from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import NETWORKS, ChainParams
-from consensus.state import compute_schedule
+from consensus.state import Schedule, compute_schedule
 from consensus.tasks import Task
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
 from mining.artifacts import MissingArtifact
@@ -39,19 +39,12 @@ from node.mempool import Mempool
 from node.miner_service import MinerService, Progress
 from node.rpc import RpcServer
 from storage.artifacts import ArtifactStore
-from storage.chain import AddResult, ChainStore, MissingParent
+from storage.chain import AddResult, ChainStore, MissingParent, TipState
 from storage.db import Database
 
 log = logging.getLogger("dpodl.node")
 
 T = TypeVar("T")
-
-
-class TipView:
-    """The main chain tip's state as a consensus StateView."""
-
-    def __init__(self, store: ChainStore) -> None:
-        self.get = store.get_state
 
 
 @dataclass(slots=True)
@@ -158,9 +151,13 @@ class Node:
 
     # -- chain -----------------------------------------------------------------------------
 
+    def next_schedule(self) -> tuple[Schedule, Task]:
+        """The task schedule and the active task of the next block."""
+        return compute_schedule(self.params, TipState(self.store), self.store.height + 1)
+
     def active_task(self) -> Task:
         """The task the next block works on."""
-        return compute_schedule(self.params, TipView(self.store), self.store.height + 1)[1]
+        return self.next_schedule()[1]
 
     async def submit_block(self, block: Block) -> AddResult:
         """Check and add a block; on a new tip, update the mempool and the miner's job.

@@ -77,6 +77,13 @@ class _PendingState:
         return self._store.get_state(key)
 
 
+class TipState:
+    """The main chain tip's state as a consensus StateView (reads go to the database)."""
+
+    def __init__(self, store: "ChainStore") -> None:
+        self.get = store.get_state
+
+
 class ChainStore:
     def __init__(self, db: Database, params: ChainParams, engine: SealEngine) -> None:
         self.db, self.params, self.engine = db, params, engine

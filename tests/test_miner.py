@@ -25,7 +25,7 @@ from mining import miner as miner_module
 from mining.artifacts import MemoryArtifacts
 from mining.htoa import compute_htoa
 from mining.miner import Job, Reference, Solution, mine, search_prehash
-from mining.trainer import DataCache, Trainer, compute_update_norm, from_bytes, to_bytes
+from mining.trainer import Trainer, compute_update_norm, from_bytes, to_bytes
 
 TASK = DEV.genesis_task
 TASK_ID = compute_task_id(TASK)
@@ -38,21 +38,11 @@ JOB = Job(DEV, GENESIS_ID, TASK, T2, T2_MTX, MINER)
 NEVER = replace(JOB, t2=0, t2_mtx=0)  # no PostHash meets 0: mines until stopped
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def never_stop() -> bool:
     return False
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return DataCache().resident(TASK.dataset, "cpu")
 
 
 @pytest.fixture(scope="module")

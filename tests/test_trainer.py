@@ -28,17 +28,7 @@ K = TASK.k
 H1 = bytes(range(32))  # draws a (37, 59) MLP, lr 0.151, momentum 0.904, batch 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return DataCache().resident(TASK.dataset, "cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

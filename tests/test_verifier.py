@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-import torch
 
 from consensus.blocks import Block, BlockHeader, assemble_block, compute_block_id
 from consensus.checkpoints import Checkpoint, CheckpointLeaf, FraudProof, compute_tensor_hash
@@ -65,6 +64,9 @@ GENESIS_ID = compute_block_id(GENESIS)
 # Fixtures and helpers
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Run:
     """The forger's honest training for its first PreHash solution on EASY's genesis."""
@@ -97,26 +99,6 @@ class RecordingArtifacts(MemoryArtifacts):
     def get_checkpoint(self, ckpt_root: Hash, index: int) -> Checkpoint | None:
         self.fetched.add((ckpt_root, index))
         return super().get_checkpoint(ckpt_root, index)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread while this module runs: the digits models are tiny, so a second
-    thread buys nothing and, on a busy machine, costs a great deal of waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def cache() -> DataCache:
-    return DataCache()
-
-
-@pytest.fixture(scope="module")
-def data(cache: DataCache) -> DeviceData:
-    return cache.resident(TASK.dataset, "cpu")
 
 
 @pytest.fixture(scope="module")
