@@ -7,6 +7,19 @@ norm, and `q_local` intervals drawn from the verifier's own secret randomness. A
 interval found by a private audit raises `FraudFound`, which carries the fraud proof
 (§8.8) that convinces any other node by the replay of that one interval.
 
+What the checks need but this node lacks is asked for in two rounds, each one
+`MissingArtifact` listing everything missing or corrupt at that point, so that a caller
+that fetches and retries needs at most two round trips:
+1. after the hash checks: the reference model (if any), the history and the final model;
+2. after the history and final model checks: both ends of every audited interval, which
+   only the history names. The validation pass, the one expensive check before the
+   replays, runs only once they are all here, so a retry never redoes it.
+The private intervals are drawn once per subject (block or transaction id) and kept
+until that subject's validation reaches a verdict: redrawn on every retry, they would
+let a cheater that withholds the checkpoints of its forged intervals wait for a draw
+that misses them. Seeing which checkpoints a verifier asks for tells a cheater which
+intervals it audits, but only after its ckpt_root has committed every one of them.
+
 Choices where PROTOCOL.md is silent, made here:
 - A replay compares the momentum buffers as well as the parameters, each within
   `delta_ppm` of the committed parameters' norm (the momentum's error weighted by
@@ -23,6 +36,8 @@ Choices where PROTOCOL.md is silent, made here:
 import math
 import random
 import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,11 +62,16 @@ from consensus.params import ChainParams
 from consensus.proofs import Proof, check_target, compute_posthash, compute_prehash
 from consensus.tasks import Task
 from consensus.transactions import ModelTx, compute_tx_id
-from mining.artifacts import ArtifactSource, MissingArtifact
+from mining.artifacts import ArtifactSource, MissingArtifact, Need
 from mining.htoa import Draw, Hpp, compute_htoa
 from mining.trainer import DataCache, Trainer, compute_update_norm, from_bytes, to_bytes
 
 DEFAULT_Q_LOCAL = 2
+# Subjects whose private audit choice is kept while their checkpoints are being fetched;
+# past this, the least recently retried subject's choice is dropped (and redrawn if it
+# comes back). A subject gets here only after its PreHash and its history and final
+# model checks passed, so filling this takes real work.
+MAX_PLANS = 1024
 
 
 class FraudFound(ConsensusError):
@@ -76,6 +96,14 @@ def _check_tensors(ckpt: Checkpoint) -> bool:
     mismatch says the copy is bad, not the miner: the tensors' hashes are in the leaf."""
     return (compute_tensor_hash(ckpt.params) == ckpt.leaf.params_hash
             and compute_tensor_hash(ckpt.momentum) == ckpt.leaf.momentum_hash)
+
+
+def _check_committed(ckpt: Checkpoint, root: Hash, leaves: tuple[CheckpointLeaf, ...],
+                     index: int) -> bool:
+    """True when a served checkpoint is the one `root` commits to at `index`: its leaf is
+    the history's, its path leads to the root, and its tensors are the leaf's."""
+    return (ckpt.leaf == leaves[index] and _check_tensors(ckpt)
+            and check_proof(root, leaf_bytes(ckpt.leaf), index, len(leaves), ckpt.path))
 
 
 def compute_relative_distance(replayed: np.ndarray, committed: np.ndarray,
@@ -122,6 +150,10 @@ class DPoDLEngine:
         self.artifacts, self.data, self.q_local = artifacts, data, q_local
         self.device = torch.device(device)
         self.rng = rng or secrets.SystemRandom()
+        # owner_id -> its private intervals, least recently used first; a lock because
+        # a node may verify blocks and transactions on several executor threads.
+        self._plans: OrderedDict[Hash, tuple[int, ...]] = OrderedDict()
+        self._plans_lock = threading.Lock()
 
     # -- the SealEngine interface --------------------------------------------------------
 
@@ -154,9 +186,13 @@ class DPoDLEngine:
                                     j + 1, ckpt.path)
                     and _check_tensors(ckpt)):
                 return False  # the accuser's data is not what the miner committed
+        needs: list[Need] = []
         try:
+            ref = self._reference(proof, task, needs)
+            if needs:
+                raise MissingArtifact(*needs)
             h1 = compute_prehash(prev_id, proof)
-            draw = compute_htoa(task, h1, self._reference(proof, task))
+            draw = compute_htoa(task, h1, ref)
             self._audit(self._trainer(draw, task), task, start, end)
         except ConsensusError:
             return True
@@ -175,26 +211,58 @@ class DPoDLEngine:
             raise ConsensusError("bad-steps", f"{proof.steps} steps, k={task.k}")
         if proof.n_correct > task.dataset.val_size:
             raise ConsensusError("bad-n-correct", f"{proof.n_correct} > validation size")
-        draw = compute_htoa(task, h1, self._reference(proof, task))
-        leaves = self._history(proof, task, draw)
-        model = self._final_model(proof, draw, leaves[-1])
+        needs: list[Need] = []  # round 1: everything the checks before the replays read
+        ref = self._reference(proof, task, needs)
+        leaves = self._get_history(proof.ckpt_root, needs)
+        model = self._get_model(proof.model_id, needs)
+        if leaves is None or model is None or needs:
+            raise MissingArtifact(*dict.fromkeys(needs))  # once, were ref and model one
+        draw = compute_htoa(task, h1, ref)
+        self._validate_history(proof, task, draw, leaves)
+        self._validate_final_model(draw, leaves[-1], model)
+        public, private = self._plan(subject.owner_id, leaves)
+        # Round 2; a MissingArtifact here keeps the plan, so the retry asks for no more.
+        ckpts = self._get_checkpoints(subject, leaves, public + private)
         trainer = self._trainer(draw, task)
-        self._recount(proof, task, trainer, model)
-        self._run_audits(subject, task, trainer, leaves)
+        try:
+            self._recount(proof, task, trainer, model)
+            self._run_audits(subject, task, trainer, public, private, ckpts)
+        except ConsensusError:
+            self._forget(subject.owner_id)
+            raise
+        self._forget(subject.owner_id)
 
-    def _reference(self, proof: Proof, task: Task) -> ModelBlob | None:
-        """The reference model's file, checked against its id and the task's space.
+    def _get_model(self, model_id: Hash, needs: list[Need]) -> ModelBlob | None:
+        """The model file with this id, or None, noted in `needs`, if absent or corrupt."""
+        blob = self.artifacts.get_model(model_id)
+        if blob is None or compute_model_id(blob.arch, blob.params) != model_id:
+            needs.append(Need("model", model_id))  # absent, or a corrupt copy: refetch
+            return None
+        return blob
+
+    def _get_history(self, ckpt_root: Hash, needs: list[Need]
+                     ) -> tuple[CheckpointLeaf, ...] | None:
+        """The leaf list ckpt_root commits to, or None, noted in `needs`, if absent or
+        corrupt."""
+        history: History | None = self.artifacts.get_history(ckpt_root)
+        if history is None or compute_ckpt_root(history.leaves) != ckpt_root:
+            needs.append(Need("history", ckpt_root))  # absent, or a corrupt copy: refetch
+            return None
+        return history.leaves
+
+    def _reference(self, proof: Proof, task: Task, needs: list[Need]) -> ModelBlob | None:
+        """The reference model's file, checked against its id and the task's space; None
+        when the proof has none, or when it is missing (noted in `needs`).
 
         Whether the reference is on this chain and within the window is the state's
-        rule (state.validate_proof_rules); this only needs its weights.
+        rule (state.validate_proof_rules); this only needs its weights. A reference at
+        hand is judged at once: a bad one condemns the block without fetching the rest.
         """
         if not proof.ref_model:
             return None
-        blob = self.artifacts.get_model(Hash(proof.ref_model))
+        blob = self._get_model(Hash(proof.ref_model), needs)
         if blob is None:
-            raise MissingArtifact("model", Hash(proof.ref_model))
-        if compute_model_id(blob.arch, blob.params) != proof.ref_model:
-            raise MissingArtifact("model", Hash(proof.ref_model))  # a corrupt copy: refetch
+            return None
         if not check_arch_in_space(blob.arch, task):
             raise ConsensusError("bad-ref-arch", "the reference is not an architecture "
                                                  "of this task")
@@ -203,14 +271,9 @@ class DPoDLEngine:
                                                   "its architecture")
         return blob
 
-    def _history(self, proof: Proof, task: Task, draw: Draw) -> tuple[CheckpointLeaf, ...]:
-        """The committed leaf list: complete, in order, matching ckpt_root, starting at init."""
-        history: History | None = self.artifacts.get_history(proof.ckpt_root)
-        if history is None:
-            raise MissingArtifact("history", proof.ckpt_root)
-        leaves = history.leaves
-        if compute_ckpt_root(leaves) != proof.ckpt_root:
-            raise MissingArtifact("history", proof.ckpt_root)  # a corrupt copy: refetch
+    def _validate_history(self, proof: Proof, task: Task, draw: Draw,
+                          leaves: tuple[CheckpointLeaf, ...]) -> None:
+        """The committed leaf list is complete, in order, and starts at HtoA's init."""
         j = proof.steps // task.k
         if len(leaves) != j + 1:
             raise ConsensusError("bad-ckpt-count", f"{len(leaves)} leaves for {proof.steps} "
@@ -224,14 +287,9 @@ class DPoDLEngine:
         if (first.params_hash != compute_tensor_hash(to_bytes(draw.init))
                 or first.momentum_hash != compute_tensor_hash(zeros) or first.update_norm):
             raise ConsensusError("bad-init", "checkpoint 0 is not HtoA's watermarked init")
-        return leaves
 
-    def _final_model(self, proof: Proof, draw: Draw, last: CheckpointLeaf) -> ModelBlob:
-        model = self.artifacts.get_model(proof.model_id)
-        if model is None:
-            raise MissingArtifact("model", proof.model_id)
-        if compute_model_id(model.arch, model.params) != proof.model_id:
-            raise MissingArtifact("model", proof.model_id)  # a corrupt copy: refetch
+    def _validate_final_model(self, draw: Draw, last: CheckpointLeaf, model: ModelBlob) -> None:
+        """The model file is HtoA's architecture, the last checkpoint, and watermarked."""
         if model.arch != draw.arch:
             raise ConsensusError("bad-arch", "the model is not HtoA's architecture")
         if not check_params_fit(model):
@@ -241,7 +299,6 @@ class DPoDLEngine:
             raise ConsensusError("bad-model-ckpt", "the model is not the last checkpoint")
         if not draw.signature.verify_array(from_bytes(model.params)):
             raise ConsensusError("bad-watermark", "the model does not carry its watermark")
-        return model
 
     def _recount(self, proof: Proof, task: Task, trainer: Trainer, model: ModelBlob) -> None:
         params = from_bytes(model.params)
@@ -251,40 +308,66 @@ class DPoDLEngine:
             raise ConsensusError("bad-n-correct", f"claimed {proof.n_correct}, recounted "
                                                   f"{recount}, eps {task.eps_correct}")
 
-    def _run_audits(self, subject: _Subject, task: Task, trainer: Trainer,
-                    leaves: tuple[CheckpointLeaf, ...]) -> None:
-        """Replay the last, the largest-update and q_local secretly chosen intervals.
+    def _plan(self, owner_id: Hash, leaves: tuple[CheckpointLeaf, ...]
+              ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The intervals to replay: (public, private). Public: the last and the largest
+        committed update. Private: q_local others, drawn secretly on this subject's first
+        attempt and reused by its retries.
 
         Interval i runs from checkpoint i to i + 1; leaf i + 1 carries its update norm.
         """
         j = len(leaves) - 1
         last = j - 1
         largest = max(range(j), key=lambda i: (leaves[i + 1].update_norm, -i))
-        public = sorted({last, largest})
-        rest = [i for i in range(j) if i not in public]
-        private = self.rng.sample(rest, min(self.q_local, len(rest)))
+        public = tuple(sorted({last, largest}))
+        with self._plans_lock:
+            private = self._plans.get(owner_id)
+            if private is None:
+                rest = [i for i in range(j) if i not in public]
+                private = tuple(self.rng.sample(rest, min(self.q_local, len(rest))))
+                self._plans[owner_id] = private
+                if len(self._plans) > MAX_PLANS:
+                    self._plans.popitem(last=False)
+            else:
+                self._plans.move_to_end(owner_id)
+        return public, private
+
+    def _forget(self, owner_id: Hash) -> None:
+        """Drop a subject's plan: its validation reached a verdict."""
+        with self._plans_lock:
+            self._plans.pop(owner_id, None)
+
+    def _get_checkpoints(self, subject: _Subject, leaves: tuple[CheckpointLeaf, ...],
+                         intervals: tuple[int, ...]) -> dict[int, Checkpoint]:
+        """Both ends of every interval in `intervals`, by index, each the committed one;
+        MissingArtifact names every one that is absent or not the committed one."""
+        root = subject.proof.ckpt_root
+        ckpts: dict[int, Checkpoint] = {}
+        needs: list[Need] = []
+        for index in sorted({i for interval in intervals for i in (interval, interval + 1)}):
+            ckpt = self.artifacts.get_checkpoint(root, index)
+            if ckpt is None or not _check_committed(ckpt, root, leaves, index):
+                needs.append(Need("checkpoint", root, index))  # absent, or a bad copy: refetch
+            else:
+                ckpts[index] = ckpt
+        if needs:
+            raise MissingArtifact(*needs)
+        return ckpts
+
+    def _run_audits(self, subject: _Subject, task: Task, trainer: Trainer,
+                    public: tuple[int, ...], private: tuple[int, ...],
+                    ckpts: dict[int, Checkpoint]) -> None:
+        """Replay the public intervals, then the private ones; a private audit that fails
+        raises FraudFound with the interval's two checkpoints as the proof."""
         for i in public:
-            self._audit(trainer, task, self._checkpoint(subject, leaves, i),
-                        self._checkpoint(subject, leaves, i + 1))
+            self._audit(trainer, task, ckpts[i], ckpts[i + 1])
         for i in private:
-            start = self._checkpoint(subject, leaves, i)
-            end = self._checkpoint(subject, leaves, i + 1)
+            start, end = ckpts[i], ckpts[i + 1]
             try:
                 self._audit(trainer, task, start, end)
             except ConsensusError as e:
                 raise FraudFound(f"private audit of interval {i}: {e.reason}: {e.detail}",
                                  FraudProof(subject.owner_id, start, end)) from e
-
-    def _checkpoint(self, subject: _Subject, leaves: tuple[CheckpointLeaf, ...],
-                    index: int) -> Checkpoint:
-        root = subject.proof.ckpt_root
-        ckpt = self.artifacts.get_checkpoint(root, index)
-        if ckpt is None:
-            raise MissingArtifact("checkpoint", root, index)
-        if ckpt.leaf != leaves[index] or not _check_tensors(ckpt) or not check_proof(
-                root, leaf_bytes(ckpt.leaf), index, len(leaves), ckpt.path):
-            raise MissingArtifact("checkpoint", root, index)  # not the committed one: refetch
-        return ckpt
 
     def _audit(self, trainer: Trainer, task: Task, start: Checkpoint, end: Checkpoint) -> None:
         """Replay one interval from `start` and compare with `end` (PROTOCOL.md §8.7)."""

@@ -4,11 +4,11 @@ Sources, lowest precedence first:
 
 1. defaults per network (the ports are the network's own, from consensus/params.py);
 2. `dpodl.toml` in the data directory, with the keys network, rpc_bind, rpc_port,
-   p2p_port, peers (a list of "HOST:PORT"), mine, miner_key, device, datasets, rpcauth
-   (a list of rpcauth lines) and log_level;
+   p2p_bind, p2p_port, listen, peers (a list of "HOST:PORT"), mine, miner_key, device,
+   datasets, rpcauth (a list of rpcauth lines) and log_level;
 3. environment variables DPODL_<KEY> (DPODL_RPC_PORT, DPODL_RPCAUTH, ...) and
-   DPODL_DATADIR: lists (DPODL_PEERS, DPODL_RPCAUTH) are comma-separated, DPODL_MINE is
-   1/0/true/false/yes/no, and a variable set to "" counts as unset;
+   DPODL_DATADIR: lists (DPODL_PEERS, DPODL_RPCAUTH) are comma-separated, DPODL_MINE and
+   DPODL_LISTEN are 1/0/true/false/yes/no, and a variable set to "" counts as unset;
 4. command-line flags (add_node_arguments).
 
 The file lives in the data directory, and the default data directory depends on the
@@ -46,10 +46,11 @@ _PEER = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>
 _RPCAUTH = re.compile(r"[^:$\s]+:[0-9a-fA-F]+\$[0-9a-fA-F]{64}")
 _MINE_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
-_FILE_KEYS = ("network", "rpc_bind", "rpc_port", "p2p_port", "peers", "mine", "miner_key",
-              "device", "datasets", "rpcauth", "log_level")
+_FILE_KEYS = ("network", "rpc_bind", "rpc_port", "p2p_bind", "p2p_port", "listen", "peers",
+              "mine", "miner_key", "device", "datasets", "rpcauth", "log_level")
 _FLAGS = {"network": "--network", "datadir": "--datadir", "rpc_bind": "--rpc-bind",
-          "rpc_port": "--rpc-port", "p2p_port": "--p2p-port", "peers": "--peer",
+          "rpc_port": "--rpc-port", "p2p_bind": "--p2p-bind", "p2p_port": "--p2p-port",
+          "listen": "--listen", "peers": "--peer",
           "mine": "--mine", "miner_key": "--miner-key", "device": "--device",
           "datasets": "--datasets", "log_level": "--log-level"}
 
@@ -67,7 +68,9 @@ class Config:
     datadir: Path
     rpc_bind: str
     rpc_port: int
+    p2p_bind: str
     p2p_port: int
+    listen: bool  # accept P2P connections (we dial out either way)
     peers: tuple[tuple[str, int], ...]
     mine: bool
     miner_key: Path | None  # None: the data directory's own key
@@ -91,7 +94,10 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     add("--datadir", metavar="DIR", help="data directory (default ~/.dpodl/NETWORK)")
     add("--rpc-bind", metavar="ADDR", help="JSON-RPC listening address (default 127.0.0.1)")
     add("--rpc-port", metavar="PORT", help="JSON-RPC port (default: the network's)")
+    add("--p2p-bind", metavar="ADDR", help="P2P listening address (default 0.0.0.0)")
     add("--p2p-port", metavar="PORT", help="P2P listening port (default: the network's)")
+    add("--listen", action=argparse.BooleanOptionalAction,
+        help="accept P2P connections (default yes)")
     add("--peer", dest="peers", action="append", metavar="HOST:PORT",
         help="connect to this peer; repeatable; IPv6 as [::1]:PORT")
     add("--mine", action=argparse.BooleanOptionalAction, help="mine blocks (default no)")
@@ -120,7 +126,8 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     network = network or file_network or DEFAULT_NETWORK
     params = NETWORKS[network]
     defaults = {"network": network, "rpc_bind": "127.0.0.1", "rpc_port": params.rpc_port,
-                "p2p_port": params.p2p_port, "peers": (), "mine": False, "miner_key": None,
+                "p2p_bind": "0.0.0.0", "p2p_port": params.p2p_port, "listen": True,
+                "peers": (), "mine": False, "miner_key": None,
                 "device": "cpu", "datasets": None, "rpcauth": (), "log_level": "info"}
     values = defaults | file | overrides
     return Config(datadir=datadir, rpc_auth=values.pop("rpcauth"), **values)
@@ -167,7 +174,7 @@ def _from_text(option: str, text: str, where: str) -> object:
         if not text.isascii() or not text.isdigit():
             raise ConfigError(f"{where}: {text!r} is not a port number")
         return int(text)
-    if option == "mine":
+    if option in ("mine", "listen"):
         if text.lower() not in _MINE_WORDS:
             raise ConfigError(f"{where}: {text!r} is not one of {'/'.join(_MINE_WORDS)}")
         return _MINE_WORDS[text.lower()]
@@ -233,7 +240,8 @@ def _bind(value: object, where: str) -> str:
     return text
 
 
-def _peer(value: object, where: str) -> tuple[str, int]:
+def parse_peer(value: object, where: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT), as --peer and addnode take it."""
     text = _text(value, where)
     match = _PEER.fullmatch(text)
     if not match or (match["ipv6"] is not None and not _is_ipv6(match["ipv6"])):
@@ -262,8 +270,10 @@ _CONVERT: dict[str, Callable[[object, str], object]] = {
     "datadir": _path,
     "rpc_bind": _bind,
     "rpc_port": _port,
+    "p2p_bind": _bind,
     "p2p_port": _port,
-    "peers": _list(_peer),
+    "listen": _bool,
+    "peers": _list(parse_peer),
     "mine": _bool,
     "miner_key": _path,
     "device": _choice(DEVICES),

@@ -22,6 +22,7 @@ from consensus.tasks import FAMILY_CNN, FAMILY_MLP, compute_task_id
 from consensus.transactions import ModelTx, TaskTx, Transaction, compute_tx_id, signer_address
 from mining.artifacts import MissingArtifact
 from node.auth import Authenticator
+from node.config import ConfigError, parse_peer
 from node.node import Node
 from node.rpc import (
     INVALID_ADDRESS_OR_KEY,
@@ -36,12 +37,19 @@ from node.rpc import (
     param_int,
     param_str,
 )
+from p2p.addrman import parse_address
+from p2p.messages import PROTOCOL_VERSION
+from p2p.network import USER_AGENT, Network
 from storage.chain import ChainStore, MissingParent
 from storage.schema import STATUS_INVALID, STATUS_VALID
 
 DESERIALIZATION_ERROR = -22  # Core's RPC_DESERIALIZATION_ERROR
-P2P_DISABLED = -9  # Core's RPC_CLIENT_NOT_CONNECTED
-PROTOCOL_VERSION = 1
+# Core's client-side P2P codes
+P2P_DISABLED = -9
+NODE_ALREADY_ADDED = -23
+NODE_NOT_ADDED = -24
+NODE_NOT_CONNECTED = -29
+CLIENT_INVALID_IP_OR_SUBNET = -30
 FAMILY_NAMES = {FAMILY_MLP: "mlp", FAMILY_CNN: "cnn"}
 
 
@@ -370,23 +378,113 @@ class Methods:
                 out["weights"] = blob.params.hex()  # little-endian float32, declared order
         return out
 
-    # -- network (the P2P layer is not built yet) -----------------------------------------
+    # -- network ---------------------------------------------------------------------------
+
+    @property
+    def network(self) -> Network:
+        if self.node.network is None:
+            raise RpcError(P2P_DISABLED, "P2P networking is not running")
+        return self.node.network
 
     async def getpeerinfo(self) -> list:
-        return []
+        network = self.network
+        now = time.monotonic()
+        return [{
+            "id": p.id, "addr": f"{p.addr[0]}:{p.addr[1]}", "inbound": p.inbound,
+            "manual": p.manual, "version": p.version.protocol,
+            "subver": p.version.user_agent.decode(errors="replace"),
+            "startingheight": p.version.best_height, "synced_headers": p.best_height,
+            "conntime": int(p.connected_at), "lastsend": int(p.last_send),
+            "lastrecv": int(p.last_recv), "bytessent": p.bytes_sent, "bytesrecv": p.bytes_recv,
+            "pingtime": p.ping_time,
+            "pingwait": None if p.ping_nonce is None else now - p.ping_sent,
+        } for p in sorted(network.peers.values(), key=lambda p: p.id)]
 
     async def getconnectioncount(self) -> int:
-        return 0
+        return len(self.network.peers)
 
     async def getnetworkinfo(self) -> dict:
         from importlib.metadata import version
 
-        return {"version": version("dpodl"), "subversion": f"/dpodl:{version('dpodl')}/",
-                "protocolversion": PROTOCOL_VERSION, "connections": 0, "networkactive": False,
-                "p2pport": self.node.config.p2p_port, "warnings": "P2P is not built yet"}
+        network, config = self.node.network, self.node.config
+        peers = list(network.peers.values()) if network else []
+        return {"version": version("dpodl"), "subversion": USER_AGENT.decode(),
+                "protocolversion": PROTOCOL_VERSION, "connections": len(peers),
+                "connections_in": sum(p.inbound for p in peers),
+                "connections_out": sum(not p.inbound for p in peers),
+                "networkactive": bool(network and network.active),
+                "localaddresses": ([{"address": config.p2p_bind, "port": config.p2p_port}]
+                                   if config.listen else []),
+                "addresses_known": len(network.book) if network else 0, "warnings": ""}
 
     async def addnode(self, node: object, command: object) -> None:
-        raise RpcError(P2P_DISABLED, "P2P networking is not built yet: this node runs alone")
+        """Keep a peer connected (add), stop doing so (remove), or dial it once (onetry)."""
+        text, command = param_str(node, "node"), param_str(command, "command")
+        try:
+            addr = parse_peer(text, "node")
+        except ConfigError as e:
+            raise RpcError(INVALID_PARAMETER, str(e)) from None
+        network = self.network
+        if command == "add":
+            if addr in network.manual:
+                raise RpcError(NODE_ALREADY_ADDED, "Error: Node already added")
+            network.add_node(addr)
+        elif command == "remove":
+            if not network.remove_node(addr):
+                raise RpcError(NODE_NOT_ADDED, "Error: Node could not be removed. It has not "
+                                               "been added previously.")
+        elif command == "onetry":
+            network.dial_once(addr)
+        else:
+            raise RpcError(INVALID_PARAMETER, f"command must be add, remove or onetry, "
+                                              f"not {command!r}")
+
+    async def disconnectnode(self, address: object = None, nodeid: object = None) -> None:
+        network = self.network
+        if nodeid is not None:
+            peer_id = param_int(nodeid, "nodeid")
+            peers = [p for p in network.peers.values() if p.id == peer_id]
+        else:
+            text = param_str(address, "address")
+            peers = [p for p in network.peers.values() if f"{p.addr[0]}:{p.addr[1]}" == text]
+        if not peers:
+            raise RpcError(NODE_NOT_CONNECTED, "Node not found in connected nodes")
+        for peer in peers:
+            network.disconnect(peer.id)
+
+    async def listbanned(self) -> list:
+        return [{"address": host, "banned_until": int(until), "ban_reason": reason}
+                for host, until, reason in self.network.book.bans()]
+
+    async def setban(self, subnet: object, command: object, bantime: object = 86400) -> None:
+        """Ban an IP address (add) or lift its ban (remove)."""
+        host, command = param_str(subnet, "subnet"), param_str(command, "command")
+        try:
+            host = parse_address(host, 1)[0]
+        except ValueError as e:
+            raise RpcError(CLIENT_INVALID_IP_OR_SUBNET, f"Error: Invalid IP/Subnet: {e}") from None
+        network = self.network
+        if command == "add":
+            seconds = param_int(bantime, "bantime")
+            if seconds <= 0:
+                raise RpcError(INVALID_PARAMETER, "bantime must be positive")
+            network.ban(host, seconds, "manually added")
+        elif command == "remove":
+            if not network.book.unban(host):
+                raise RpcError(CLIENT_INVALID_IP_OR_SUBNET, "Error: Unban failed. Requested "
+                                                            "address/subnet was not previously "
+                                                            "manually banned.")
+        else:
+            raise RpcError(INVALID_PARAMETER, f"command must be add or remove, not {command!r}")
+
+    async def clearbanned(self) -> None:
+        for host, _, _ in self.network.book.bans():
+            self.network.book.unban(host)
+
+    async def setnetworkactive(self, state: object) -> bool:
+        active = param_bool(state, "state")
+        self.network.set_active(active)
+        return active
 
     # -- control ---------------------------------------------------------------------------
 
@@ -403,7 +501,7 @@ def build_rpc(node: Node, auth: Authenticator) -> RpcServer:
     server = RpcServer(auth)
     methods = Methods(node)
     for name in sorted(n for n in dir(Methods) if not n.startswith("_")
-                       and n not in ("store",) and callable(getattr(Methods, n))):
+                       and n not in ("store", "network") and callable(getattr(Methods, n))):
         fn = getattr(methods, name)
         args = " ".join(p if v.default is inspect.Parameter.empty else f"[{p}]"
                         for p, v in inspect.signature(fn).parameters.items())

@@ -1,4 +1,4 @@
-"""The full node: chain storage and validation, the mempool, the miner, JSON-RPC.
+"""The full node: chain storage and validation, the mempool, the miner, P2P, JSON-RPC.
 
 One asyncio event loop owns the node's state. Whatever may take long runs elsewhere:
 training in the miner's child process (node/miner_service.py), and checking a block
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from consensus.blocks import Block, assemble_block, compute_block_id
+from consensus.checkpoints import FraudProof
 from consensus.difficulty import compute_mtx_target
 from consensus.encoding import Hash
 from consensus.errors import ConsensusError
@@ -38,6 +39,7 @@ from node.datadir import DataDir, read_key_file
 from node.mempool import Mempool
 from node.miner_service import MinerService, Progress
 from node.rpc import RpcServer
+from p2p.network import NetConfig, Network
 from storage.artifacts import ArtifactStore
 from storage.chain import AddResult, ChainStore, MissingParent, TipState
 from storage.db import Database
@@ -74,6 +76,7 @@ class Node:
         self.db: Database | None = None
         self.key: PrivateKey | None = None
         self.miner: MinerService | None = None
+        self.network: Network | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -115,6 +118,7 @@ class Node:
             await site.start()
             log.info("JSON-RPC on http://%s:%d/ (cookie %s)", self.config.rpc_bind,
                      self.config.rpc_port, self.datadir.cookie_path)
+            await self.start_network()
             if self.config.mine:
                 await self.start_mining()
             if sys.stderr.isatty():
@@ -128,7 +132,19 @@ class Node:
             log.info("shutting down")
             await self.close()
 
+    async def start_network(self) -> None:
+        """Listen for peers (unless told not to) and dial the configured ones."""
+        self._loop = asyncio.get_running_loop()
+        config = self.config
+        self.network = Network(self, NetConfig(
+            bind=config.p2p_bind, port=config.p2p_port if config.listen else 0,
+            seeds=config.peers))
+        await self.network.start()
+
     async def close(self) -> None:
+        if self.network is not None:
+            network, self.network = self.network, None
+            await network.close()
         if self.miner is not None:
             miner, self.miner = self.miner, None
             await asyncio.to_thread(miner.stop)
@@ -164,14 +180,40 @@ class Node:
         Raises ConsensusError, MissingParent or MissingArtifact."""
         result = await self.on_chain_thread(self.store.add_block, block)
         if result.status == "connected":
-            await self.on_chain_thread(self.mempool.update_for_tip, result)
-            log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
-            await self._renew_job()
+            await self._new_tip(result)
         return result
+
+    async def _new_tip(self, result: AddResult) -> None:
+        await self.on_chain_thread(self.mempool.update_for_tip, result)
+        log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
+        if self.network is not None:
+            self.network.announce_block(self.store.tip_id)
+        await self._renew_job()
+
+    async def invalidate_block(self, block_id: Hash) -> AddResult:
+        """Mark a block and its descendants invalid and move to the best valid chain."""
+        result = await self.on_chain_thread(self.store.invalidate_block, block_id)
+        if result.status == "connected":
+            await self._new_tip(result)
+        return result
+
+    async def check_fraud_proof(self, fraud: FraudProof) -> bool:
+        """True when `fraud` proves the stored block it names was forged."""
+        def check() -> bool:
+            block = self.store.get_block(fraud.owner_id)
+            task = block and self.store.get_task(block.header.proof.task_id)
+            if block is None or task is None:
+                return False
+            return self.engine.check_fraud_proof(self.params, block.header.prev_id,
+                                                 block.header.proof, task, fraud)
+        return await self.on_chain_thread(check)
 
     async def submit_transaction(self, tx: Transaction) -> Hash:
         """Add a transaction to the mempool (ConsensusError says why not)."""
-        return await self.on_chain_thread(self.mempool.add, tx)
+        tx_id = await self.on_chain_thread(self.mempool.add, tx)
+        if self.network is not None:
+            self.network.announce_tx(tx_id, tx)
+        return tx_id
 
     # -- mining ----------------------------------------------------------------------------
 

@@ -21,11 +21,14 @@ Choices where §11 is silent:
   from `FrameError`: the peer hung up between messages, which is not misbehaviour.
   EOF after the first byte is `FrameError("truncated")`.
 - `max_payload` is checked as soon as the header is in, before any payload byte is
-  awaited, so an oversize claim costs us 9 bytes and no buffering.
+  awaited, so an oversize claim costs us 9 bytes and no buffering. It may be a
+  function of the kind, so a block may be larger than a ping (and an unknown kind can
+  be refused at the header).
 """
 
 import asyncio
 import struct
+from collections.abc import Callable
 
 MAGIC_LEN = 4
 HEADER = struct.Struct(">4sBI")
@@ -58,7 +61,8 @@ def encode_frame(magic: bytes, kind: int, payload: bytes) -> bytes:
 
 
 async def read_frame(
-    reader: asyncio.StreamReader, magic: bytes, *, max_payload: int, timeout: float
+    reader: asyncio.StreamReader, magic: bytes, *, max_payload: int | Callable[[int], int],
+    timeout: float,
 ) -> tuple[int, bytes]:
     """Read one frame and return (kind, payload); raise FrameError or ConnectionClosed."""
     try:
@@ -67,8 +71,9 @@ async def read_frame(
             got_magic, kind, length = HEADER.unpack(header)
             if got_magic != magic:
                 raise FrameError("bad-magic", f"{got_magic.hex()} != {magic.hex()}")
-            if length > max_payload:
-                raise FrameError("oversize", f"{length} > {max_payload}")
+            cap = max_payload(kind) if callable(max_payload) else max_payload
+            if length > cap:
+                raise FrameError("oversize", f"{length} > {cap}")
             payload = await _read_exactly(reader, length, at_frame_start=False)
     except TimeoutError:
         raise FrameError("timeout", f"no complete frame within {timeout}s") from None

@@ -1,26 +1,52 @@
 """P2P message type codes and payloads (PROTOCOL.md §11).
 
 Each frame's `kind` byte is a `Kind`; its payload is the canonical encoding
-(consensus.encoding) of that kind's dataclass. Only the handshake and keep-alive
-payloads are declared so far; the other kinds have codes but no payload type yet, and
-`decode_payload` refuses them as unknown.
+(consensus.encoding) of that kind's dataclass, so decoding is strict and every list
+has a declared bound. `max_payload` caps each kind's frame before it is read.
 
-A message without fields (`verack`) travels as an empty payload, not as the msgpack
-empty array: there is nothing to encode, and consensus.encoding cannot generate a
-codec for a dataclass without fields.
+Choices where PROTOCOL.md §11 is silent:
+- A message without fields (`verack`, `getaddr`) travels as an empty payload, not as
+  the msgpack empty array: there is nothing to encode, and consensus.encoding cannot
+  generate a codec for a dataclass without fields.
+- Model transactions are transactions: `inv` names them with their own item kind (a
+  node may fetch them or not), `getdata` fetches them, and a `tx` message carries them.
+- Artifacts move as the canonical encoding of a ModelBlob, a History (the leaf list a
+  verifier needs before its audits: checkpoint index `HISTORY`) or a Checkpoint (leaf,
+  Merkle path, tensors), cut into chunks of at most CHUNK_SIZE bytes and asked for by
+  offset. The receiver decodes the whole and checks it against the id it asked for; a
+  chunk with `total` 0 says the peer does not have it (no encoding is empty).
 """
 
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated, Any
 
-from consensus.encoding import U16, U32, U64, Bytes, Hash32, decode, encode
+from consensus.blocks import Block, BlockHeader
+from consensus.checkpoints import FraudProof
+from consensus.encoding import U8, U16, U32, U64, Bytes, Hash32, MaxItems, decode, encode
 from consensus.errors import DecodeError
+from consensus.params import ChainParams
+from consensus.transactions import Transaction
 from p2p.framing import FrameError
 
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1  # the oldest peer protocol we still speak
 MAX_USER_AGENT = 64
+MAX_ADDR = 1000  # addresses in one addr message
+MAX_HOST = 45  # the longest textual IPv6 address
+MAX_INV = 1000  # items in one inv, getdata or notfound
+MAX_LOCATOR = 101  # block locator entries (Bitcoin Core's bound)
+MAX_HEADERS = 2000  # headers in one headers message
+CHUNK_SIZE = 1 << 20  # artifact bytes in one model or ckpt message
+MAX_CONTROL = 1 << 20  # every kind without its own cap below
+MAX_FRAUD_PROOF = 64 << 20  # two checkpoints, each parameters and momentum
+HISTORY = 0xFFFF_FFFF  # the checkpoint index that asks for the leaf list
+
+# inv item kinds
+INV_BLOCK = 1
+INV_TX = 2
+INV_MTX = 3
+INV_KINDS = frozenset({INV_BLOCK, INV_TX, INV_MTX})
 
 UserAgent = Annotated[bytes, Bytes(MAX_USER_AGENT)]
 
@@ -73,6 +99,8 @@ class Verack:
     """Acknowledges the peer's version; the connection is up once both are exchanged."""
 
 
+
+
 @dataclass(frozen=True, slots=True)
 class Ping:
     nonce: U64
@@ -83,16 +111,139 @@ class Pong:
     nonce: U64  # the nonce of the ping it answers
 
 
-Message = Version | Verack | Ping | Pong
+@dataclass(frozen=True, slots=True)
+class GetAddr:
+    """Asks for addresses of other nodes (answered once per connection)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NetAddress:
+    host: Annotated[bytes, Bytes(MAX_HOST)]  # an IP literal as ASCII text
+    port: U16
+    seen: U64  # when the address was last known to be up, seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class Addr:
+    addrs: Annotated[tuple[NetAddress, ...], MaxItems(MAX_ADDR)]
+
+
+@dataclass(frozen=True, slots=True)
+class InvItem:
+    kind: U8  # INV_BLOCK, INV_TX or INV_MTX
+    id: Hash32  # block id or transaction id
+
+
+Items = Annotated[tuple[InvItem, ...], MaxItems(MAX_INV)]
+
+
+@dataclass(frozen=True, slots=True)
+class Inv:
+    """Announces blocks and transactions the sender has (and has checked)."""
+
+    items: Items
+
+
+@dataclass(frozen=True, slots=True)
+class GetData:
+    items: Items
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    items: Items
+
+
+@dataclass(frozen=True, slots=True)
+class GetHeaders:
+    """The headers after the first locator entry on the sender's main chain, up to
+    MAX_HEADERS or `stop` (ZERO_HASH: no stop)."""
+
+    locator: Annotated[tuple[Hash32, ...], MaxItems(MAX_LOCATOR)]
+    stop: Hash32
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    headers: Annotated[tuple[BlockHeader, ...], MaxItems(MAX_HEADERS)]
+
+
+@dataclass(frozen=True, slots=True)
+class Tx:
+    tx: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class GetModel:
+    model_id: Hash32
+    offset: U64
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChunk:
+    model_id: Hash32
+    offset: U64
+    total: U64  # bytes of the whole encoding; 0: not available
+    data: Annotated[bytes, Bytes(CHUNK_SIZE)]
+
+
+@dataclass(frozen=True, slots=True)
+class GetCkpt:
+    ckpt_root: Hash32
+    index: U32  # a checkpoint index, or HISTORY for the leaf list
+    offset: U64
+
+
+@dataclass(frozen=True, slots=True)
+class CkptChunk:
+    ckpt_root: Hash32
+    index: U32
+    offset: U64
+    total: U64  # 0: not available
+    data: Annotated[bytes, Bytes(CHUNK_SIZE)]
+
+
+Message = (Version | Verack | Ping | Pong | GetAddr | Addr | Inv | GetData | NotFound
+           | GetHeaders | Headers | Block | Tx | GetModel | ModelChunk | GetCkpt | CkptChunk
+           | FraudProof)
 
 PAYLOAD_TYPES: dict[Kind, type] = {
     Kind.VERSION: Version,
     Kind.VERACK: Verack,
     Kind.PING: Ping,
     Kind.PONG: Pong,
+    Kind.GETADDR: GetAddr,
+    Kind.ADDR: Addr,
+    Kind.INV: Inv,
+    Kind.GETDATA: GetData,
+    Kind.NOTFOUND: NotFound,
+    Kind.GETHEADERS: GetHeaders,
+    Kind.HEADERS: Headers,
+    Kind.BLOCK: Block,
+    Kind.TX: Tx,
+    Kind.GETMODEL: GetModel,
+    Kind.MODEL: ModelChunk,
+    Kind.GETCKPT: GetCkpt,
+    Kind.CKPT: CkptChunk,
+    Kind.FRAUDPROOF: FraudProof,
 }
 KIND_OF: dict[type, Kind] = {tp: kind for kind, tp in PAYLOAD_TYPES.items()}
-_EMPTY = frozenset({Verack})
+_EMPTY = frozenset({Verack, GetAddr})
+_CHUNK_FRAME = CHUNK_SIZE + 256  # the chunk and its few small fields
+
+
+def max_payload(params: ChainParams, kind: int) -> int:
+    """The largest payload a frame of `kind` may declare; ProtocolError for an unknown
+    kind, before any of its payload is read."""
+    if kind not in Kind._value2member_map_:
+        raise ProtocolError("unknown-message", f"kind {kind}")
+    if kind == Kind.BLOCK:
+        return params.max_block_bytes
+    if kind in (Kind.MODEL, Kind.CKPT):
+        return _CHUNK_FRAME
+    if kind == Kind.FRAUDPROOF:
+        return MAX_FRAUD_PROOF
+    return MAX_CONTROL
 
 
 def encode_payload(msg: Message) -> tuple[Kind, bytes]:

@@ -2,7 +2,8 @@
 memory and on a real LevelDB."""
 
 import contextlib
-from dataclasses import replace
+import pickle
+from dataclasses import FrozenInstanceError, replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from consensus.merkle import compute_proof
 from consensus.models import Arch, ModelBlob, compute_model_id, compute_param_count
 from consensus.proofs import Proof
 from consensus.tasks import FAMILY_MLP
-from mining.artifacts import MemoryArtifacts, MissingArtifact
+from mining.artifacts import MemoryArtifacts, MissingArtifact, Need
 from mining.miner import Solution
 from mining.trainer import to_bytes
 from storage import schema
@@ -77,11 +78,21 @@ def test_memory_artifacts_round_trip():
 
 
 def test_missing_artifact_names_what_is_missing():
-    key = Hash(bytes(range(32)))
-    err = MissingArtifact("checkpoint", key, 3)
-    assert (err.kind, err.key, err.index) == ("checkpoint", key, 3)
+    key, other = Hash(bytes(range(32))), Hash(bytes(32))
+    err = MissingArtifact(Need("checkpoint", key, 3))
+    assert err.needs == (Need("checkpoint", key, 3),)
+    assert (err.needs[0].kind, err.needs[0].key, err.needs[0].index) == ("checkpoint", key, 3)
     assert str(err) == f"missing checkpoint {key.hex()} #3"
-    assert str(MissingArtifact("model", key)) == f"missing model {key.hex()}"
+    assert str(MissingArtifact(Need("model", key))) == f"missing model {key.hex()}"
+    both = MissingArtifact(Need("model", key), Need("history", other))
+    assert both.needs == (Need("model", key), Need("history", other))
+    assert str(both) == f"missing model {key.hex()}, missing history {other.hex()}"
+    copy = pickle.loads(pickle.dumps(both))  # as it comes back from a process executor
+    assert copy.needs == both.needs and str(copy) == str(both)
+    with pytest.raises(ValueError):
+        MissingArtifact()
+    with pytest.raises(FrozenInstanceError):
+        both.needs[0].index = 1  # type: ignore[misc]
 
 
 # ---- on LevelDB -----------------------------------------------------------------------

@@ -43,16 +43,17 @@ def load(datadir: Path, *argv: str, env: dict[str, str] | None = None,
 
 def test_every_flag_defaults_to_not_given():
     assert all(value is None for value in vars(parse()).values())
-    assert set(vars(parse())) == {"network", "datadir", "rpc_bind", "rpc_port", "p2p_port",
-                                  "peers", "mine", "miner_key", "device", "datasets",
-                                  "log_level"}
+    assert set(vars(parse())) == {"network", "datadir", "rpc_bind", "rpc_port", "p2p_bind",
+                                  "p2p_port", "listen", "peers", "mine", "miner_key", "device",
+                                  "datasets", "log_level"}
 
 
 def test_defaults_for_dev(home):
     config = load_config(argparse.Namespace(), {})
     assert config == Config(
         network="dev", datadir=home / ".dpodl" / "dev", rpc_bind="127.0.0.1",
-        rpc_port=DEV.rpc_port, p2p_port=DEV.p2p_port, peers=(), mine=False, miner_key=None,
+        rpc_port=DEV.rpc_port, p2p_bind="0.0.0.0", p2p_port=DEV.p2p_port, listen=True, peers=(),
+        mine=False, miner_key=None,
         device="cpu", datasets=None, rpc_auth=(), log_level="info")
     assert config.datadir == default_datadir("dev")
     assert not config.datadir.exists()  # loading reads, never creates
@@ -114,6 +115,10 @@ PRECEDENCE = [
      ("DPODL_RPC_BIND", "::", "::"), (["--rpc-bind", "localhost"], "localhost")),
     ("rpc_port", DEV.rpc_port, ("rpc_port = 1001", 1001),
      ("DPODL_RPC_PORT", "1002", 1002), (["--rpc-port", "1003"], 1003)),
+    ("p2p_bind", "0.0.0.0", ('p2p_bind = "10.0.0.1"', "10.0.0.1"),
+     ("DPODL_P2P_BIND", "::", "::"), (["--p2p-bind", "127.0.0.1"], "127.0.0.1")),
+    ("listen", True, ("listen = false", False), ("DPODL_LISTEN", "yes", True),
+     (["--no-listen"], False)),
     ("p2p_port", DEV.p2p_port, ("p2p_port = 2001", 2001),
      ("DPODL_P2P_PORT", "2002", 2002), (["--p2p-port", "2003"], 2003)),
     ("peers", (), ('peers = ["a.example:1", "[::1]:2"]', (("a.example", 1), ("::1", 2))),

@@ -16,7 +16,7 @@ from consensus.seal import NoProofEngine
 from consensus.state import SCHEDULE_KEY
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, TaskTx, Transaction, compute_tx_id, sign_tx
-from mining.artifacts import MissingArtifact
+from mining.artifacts import MissingArtifact, Need
 from node.mempool import BLOCK_OVERHEAD, Mempool
 from storage.chain import AddResult, ChainStore
 from storage.db import Database
@@ -294,7 +294,7 @@ def test_model_tx_refused_with_the_engines_reason_then_accepted(chain):
     mtx = chain.mtx(ALICE, chain.store.tip_id, 1)
     engine.refuse = ConsensusError("bad-posthash", "h2 above t2_mtx")
     refused(pool, mtx, "bad-posthash")
-    engine.refuse = MissingArtifact("model", mtx.proof.model_id)
+    engine.refuse = MissingArtifact(Need("model", mtx.proof.model_id))
     with pytest.raises(MissingArtifact):  # not a verdict: the caller fetches and retries
         pool.add(mtx)
     assert len(pool) == 0
@@ -343,7 +343,7 @@ def test_disconnected_mtx_readmitted_only_if_its_seal_validates(chain, verdict):
     a2, result = chain.mine(pool.select())
     pool.update_for_tip(result)
     assert len(pool) == 0
-    engine.refuse = {"valid": None, "missing": MissingArtifact("model", mtx.proof.model_id),
+    engine.refuse = {"valid": None, "missing": MissingArtifact(Need("model", mtx.proof.model_id)),
                      "invalid": ConsensusError("bad-posthash")}[verdict]
     f2, _ = chain.mine(parent=bid(a1))
     _, result = chain.mine(parent=bid(f2))

@@ -45,8 +45,9 @@ class NodeProcess:
     def __init__(self, home: Path, *args: str) -> None:
         self.home = home
         self.datadir = home / ".dpodl" / "dev"
-        self.port = free_port()
-        self.env = {**os.environ, "HOME": str(home), "DPODL_RPC_PORT": str(self.port)}
+        self.port, self.p2p_port = free_port(), free_port()
+        self.env = {**os.environ, "HOME": str(home), "DPODL_RPC_PORT": str(self.port),
+                    "DPODL_P2P_PORT": str(self.p2p_port), "DPODL_P2P_BIND": "127.0.0.1"}
         self.proc = subprocess.Popen([DPODL, "node", *args], env=self.env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -169,7 +170,8 @@ def test_sigterm_stops_the_node_and_a_restart_keeps_its_chain(running, tmp_path)
 def test_an_interactive_terminal_shows_training_progress(tmp_path):
     """On a terminal (a pty here) the node keeps a status line of the draw in training."""
     controller, terminal = pty.openpty()
-    env = {**os.environ, "HOME": str(tmp_path), "DPODL_RPC_PORT": str(free_port())}
+    env = {**os.environ, "HOME": str(tmp_path), "DPODL_RPC_PORT": str(free_port()),
+           "DPODL_P2P_PORT": str(free_port()), "DPODL_P2P_BIND": "127.0.0.1"}
     proc = subprocess.Popen([DPODL, "node", "--mine"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=terminal)
     os.close(terminal)
@@ -305,8 +307,19 @@ def test_every_method_against_a_real_node(chain_node):
     assert node.error("getmodel", "22" * 32)["code"] == -5
 
     assert node.call("getpeerinfo") == [] and node.call("getconnectioncount") == 0
-    assert node.call("getnetworkinfo")["protocolversion"] >= 1
-    assert node.error("addnode", "127.0.0.1:1", "add")["code"] == -9
+    info = node.call("getnetworkinfo")
+    assert info["protocolversion"] >= 1 and info["networkactive"] and info["connections"] == 0
+    assert node.call("addnode", "127.0.0.1:1", "add") is None  # nobody there: it keeps trying
+    assert node.error("addnode", "127.0.0.1:1", "add")["code"] == -23
+    assert node.call("addnode", "127.0.0.1:1", "remove") is None
+    assert node.error("addnode", "127.0.0.1:1", "remove")["code"] == -24
+    assert node.error("addnode", "nowhere", "add")["code"] == -8
+    assert node.error("addnode", "127.0.0.1:1", "sideways")["code"] == -8
+    assert node.error("disconnectnode", "127.0.0.1:1")["code"] == -29
+    assert node.call("setban", "10.1.2.3", "add", 60) is None
+    assert [b["address"] for b in node.call("listbanned")] == ["10.1.2.3"]
+    assert node.error("setban", "not-an-ip", "add")["code"] == -30
+    assert node.call("clearbanned") is None and node.call("listbanned") == []
     assert node.call("uptime") >= 0
     assert "getblockcount" in node.call("help").split("\n")
     assert node.call("help", "getblock").startswith("getblock blockhash")

@@ -99,7 +99,7 @@ def test_payload_round_trip(msg: Any) -> None:
         (Kind.PING, b"\xc1", "malformed"),
         (Kind.PING, msgpack.packb((1,)) + b"\x00", "malformed"),  # trailing byte
         (Kind.PONG, msgpack.packb((-1,)), "malformed"),
-        (Kind.BLOCK, b"", "unknown-message"),  # a code without a payload type yet
+        (Kind.BLOCK, b"", "malformed"),
         (200, b"", "unknown-message"),
     ],
 )

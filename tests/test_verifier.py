@@ -11,6 +11,7 @@ Most forgeries are mined on a chain whose t2 is the largest target (tests/forge.
 so that a forger needs no PostHash luck: what is under test is everything else.
 """
 
+import itertools
 import random
 from dataclasses import dataclass, replace
 
@@ -28,10 +29,10 @@ from consensus.params import DEV, MAX_TARGET, ChainParams, genesis_block
 from consensus.proofs import Proof, check_target, compute_posthash, compute_prehash
 from consensus.tasks import compute_task_id
 from consensus.transactions import ModelTx, sign_tx
-from mining.artifacts import MemoryArtifacts, MissingArtifact
+from mining.artifacts import MemoryArtifacts, MissingArtifact, Need
 from mining.htoa import Draw, compute_htoa, draw_init
 from mining.miner import Job, Reference, Solution, mine
-from mining.trainer import DataCache, DeviceData, compute_update_norm, to_bytes
+from mining.trainer import DataCache, DeviceData, Trainer, compute_update_norm, to_bytes
 from mining.verifier import DPoDLEngine, FraudFound
 from mining.watermark import Signature
 from storage import schema
@@ -159,16 +160,27 @@ def verify(cache: DataCache, solution: Solution, *, q_local: int = 0,
 
 
 # Where a rejection happened: in the cheap checks, before any checkpoint is fetched (so a
-# cheater cannot make a verifier fetch and replay for nothing), or in the replay audits.
-BEFORE_AUDITS, IN_AUDITS = "before-audits", "in-audits"
+# cheater cannot make a verifier fetch and replay for nothing); at the recount, which
+# waits for the audited checkpoints (so that a verifier fetching them recounts once) and
+# comes before any replay; or in the replay audits.
+BEFORE_AUDITS, AT_RECOUNT, IN_AUDITS = "before-audits", "at-recount", "in-audits"
 
 
 def rejection(cache: DataCache, solution: Solution, **kwargs: object
               ) -> tuple[ConsensusError, str]:
     artifacts = publish(solution, artifacts=RecordingArtifacts())
-    with pytest.raises(ConsensusError) as exc:
+    audited = []
+    audit = DPoDLEngine._audit
+
+    def recording_audit(self: DPoDLEngine, *args: object) -> None:
+        audited.append(args)
+        audit(self, *args)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(ConsensusError) as exc:
+        patch.setattr(DPoDLEngine, "_audit", recording_audit)
         verify(cache, solution, artifacts=artifacts, **kwargs)  # type: ignore[arg-type]
-    return exc.value, IN_AUDITS if artifacts.fetched else BEFORE_AUDITS
+    where = IN_AUDITS if audited else AT_RECOUNT if artifacts.fetched else BEFORE_AUDITS
+    return exc.value, where
 
 
 def public_rejection(cache: DataCache, solution: Solution, **kwargs: object
@@ -410,6 +422,12 @@ def test_reference_model_that_htoa_could_not_start_from_is_rejected(
         DPoDLEngine(artifacts, cache, q_local=ALL).validate_block_seal(
             EASY, header_of(solution), TASK)
     assert exc.value.reason == reason
+    bare = MemoryArtifacts()  # a bad reference at hand condemns before the rest is fetched
+    bare.add_model(ref_id, blob)
+    with pytest.raises(ConsensusError) as exc:
+        DPoDLEngine(bare, cache, q_local=ALL).validate_block_seal(
+            EASY, header_of(solution), TASK)
+    assert exc.value.reason == reason
 
 
 @pytest.mark.parametrize("params", ["another-architectures-parameters", "ragged-bytes"])
@@ -474,12 +492,14 @@ def test_audited_checkpoint_without_its_watermark_is_rejected(cache, data, run, 
 # The claimed accuracy (§6, §8 step 5)
 
 
-@pytest.mark.parametrize(("offset", "reason"), [
-    (TASK.eps_correct, None), (-TASK.eps_correct, None),
-    (TASK.eps_correct + 1, "bad-n-correct"), (-TASK.eps_correct - 1, "bad-n-correct"),
-    (TASK.dataset.val_size, "bad-n-correct"),  # more than the validation split holds
+@pytest.mark.parametrize(("offset", "reason", "where"), [
+    (TASK.eps_correct, None, None), (-TASK.eps_correct, None, None),
+    (TASK.eps_correct + 1, "bad-n-correct", AT_RECOUNT),
+    (-TASK.eps_correct - 1, "bad-n-correct", AT_RECOUNT),
+    (TASK.dataset.val_size, "bad-n-correct", BEFORE_AUDITS),  # more than the split holds
 ])
-def test_claimed_count_must_be_within_eps_of_the_recount(cache, data, run, offset, reason):
+def test_claimed_count_must_be_within_eps_of_the_recount(cache, data, run, offset, reason,
+                                                         where):
     """The claim is what h2 hashes, so an inflated claim must still meet t2 (it does on
     EASY, for any claim): only the recount can catch it."""
     true = count_correct(run.draw.arch, run.states[-1][0], data)
@@ -489,7 +509,7 @@ def test_claimed_count_must_be_within_eps_of_the_recount(cache, data, run, offse
     if reason is None:
         assert verify(cache, solution, q_local=ALL) is None
     else:
-        assert public_rejection(cache, solution, q_local=ALL) == (reason, BEFORE_AUDITS)
+        assert public_rejection(cache, solution, q_local=ALL) == (reason, where)
 
 
 def test_claim_above_the_validation_split_is_rejected_whatever_eps(cache, data):
@@ -993,65 +1013,106 @@ def test_too_few_total_steps_are_rejected_at_connect(tmp_path, cache, data):
 # Missing artifacts are not a verdict (§8; mining/artifacts.py)
 
 
-def _drop(artifacts: MemoryArtifacts, solution: Solution, what: str) -> tuple[str, int | None]:
-    """Remove or corrupt one artifact; returns the MissingArtifact (kind, index) expected."""
+@pytest.fixture(scope="module")
+def referenced(data, honest) -> Solution:
+    """An honest block of four intervals trained from a reference: the base run's model."""
+    ref_id = honest.proof.model_id
+    nonce, h1 = find_nonce(GENESIS_ID, FORGER.pubkey, ref=ref_id)
+    draw = compute_htoa(TASK, h1, honest.model)
+    begin = (draw.init, np.zeros_like(draw.init))
+    states = [begin, *train(draw, data, begin, 0, 4)]
+    return commit(GENESIS_ID, FORGER.pubkey, nonce, draw.arch, states, data, ref=ref_id)
+
+
+class Fickle(random.Random):
+    """An rng that never picks the same private intervals twice in a row."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.draws = 0
+
+    def sample(self, population, k, *, counts=None):  # type: ignore[no-untyped-def, override]
+        self.draws += 1
+        shift = self.draws * k % len(population) if population else 0
+        return (population[shift:] + population[:shift])[:k]
+
+
+class CountingRecount:
+    """Trainer.count_correct, patched to count the validation passes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        count = Trainer.count_correct
+
+        def counting(trainer: Trainer) -> int:
+            self.calls += 1
+            return count(trainer)
+
+        monkeypatch.setattr(Trainer, "count_correct", counting)
+
+
+def ends(intervals: object) -> set[int]:
+    """The checkpoints an audit of these intervals reads."""
+    return {i + d for i in intervals for d in (0, 1)}  # type: ignore[attr-defined]
+
+
+def _drop(artifacts: MemoryArtifacts, solution: Solution, what: str) -> Need:
+    """Remove or corrupt one artifact; returns the Need that names it."""
     root, model_id = solution.proof.ckpt_root, solution.proof.model_id
     if what == "model":
         del artifacts.models[model_id]
-        return "model", None
+        return Need("model", model_id)
     if what == "model-corrupt":
         blob = artifacts.models[model_id]
         artifacts.models[model_id] = replace(blob, params=blob.params[4:] + blob.params[:4])
-        return "model", None
+        return Need("model", model_id)
     if what == "history":
         del artifacts.histories[root]
-        return "history", None
+        return Need("history", root)
     if what == "history-corrupt":
         leaves = artifacts.histories[root].leaves
         changed = replace(leaves[2], update_norm=leaves[2].update_norm + 1)
         artifacts.histories[root] = replace(artifacts.histories[root],
                                             leaves=(*leaves[:2], changed, *leaves[3:]))
-        return "history", None
+        return Need("history", root)
     if what == "checkpoint-tensors-corrupt":
         artifacts.checkpoints[root, 2] = replace(artifacts.checkpoints[root, 2],
                                                  params=artifacts.checkpoints[root, 3].params)
-        return "checkpoint", 2
+        return Need("checkpoint", root, 2)
     if what == "checkpoint-path-corrupt":
         artifacts.checkpoints[root, 2] = replace(artifacts.checkpoints[root, 2],
                                                  path=artifacts.checkpoints[root, 3].path)
-        return "checkpoint", 2
+        return Need("checkpoint", root, 2)
+    if what == "checkpoint-of-another-index":
+        artifacts.checkpoints[root, 2] = artifacts.checkpoints[root, 3]
+        return Need("checkpoint", root, 2)
     index = int(what.removeprefix("checkpoint-"))
     del artifacts.checkpoints[root, index]
-    return "checkpoint", index
+    return Need("checkpoint", root, index)
 
 
 @pytest.mark.parametrize("what", [
     "model", "model-corrupt", "history", "history-corrupt",
     *(f"checkpoint-{i}" for i in range(J + 1)),
-    "checkpoint-tensors-corrupt", "checkpoint-path-corrupt",
+    "checkpoint-tensors-corrupt", "checkpoint-path-corrupt", "checkpoint-of-another-index",
 ])
 def test_missing_or_corrupt_artifact_raises_missing_artifact(cache, honest, what):
     artifacts = publish(honest)
-    kind, index = _drop(artifacts, honest, what)
+    need = _drop(artifacts, honest, what)
     eng = DPoDLEngine(artifacts, cache, q_local=ALL)
     with pytest.raises(MissingArtifact) as exc:
         eng.validate_block_seal(EASY, header_of(honest), TASK)
     assert not isinstance(exc.value, ConsensusError)
-    assert (exc.value.kind, exc.value.index) == (kind, index)
+    assert exc.value.needs == (need,)
     artifacts = publish(honest)  # once fetched, the same block passes
     assert DPoDLEngine(artifacts, cache, q_local=ALL).validate_block_seal(
         EASY, header_of(honest), TASK) is None
 
 
 @pytest.mark.parametrize("copy", ["missing", "corrupt"])
-def test_missing_reference_model_raises_missing_artifact(cache, data, run, honest, copy):
+def test_missing_reference_model_raises_missing_artifact(cache, honest, referenced, copy):
     """A block trained from a reference model the verifier does not have (yet)."""
-    ref_id = honest.proof.model_id
-    nonce, h1 = find_nonce(GENESIS_ID, FORGER.pubkey, ref=ref_id)
-    draw = compute_htoa(TASK, h1, honest.model)
-    begin = (draw.init, np.zeros_like(draw.init))
-    states = [begin, *train(draw, data, begin, 0, 2)]
-    solution = commit(GENESIS_ID, FORGER.pubkey, nonce, draw.arch, states, data, ref=ref_id)
+    solution, ref_id = referenced, honest.proof.model_id
     artifacts = publish(solution)
     if copy == "corrupt":
         artifacts.add_model(ref_id, replace(honest.model, params=bytes(len(honest.model.params))))
@@ -1059,7 +1120,7 @@ def test_missing_reference_model_raises_missing_artifact(cache, data, run, hones
     with pytest.raises(MissingArtifact) as exc:
         eng.validate_block_seal(EASY, header_of(solution), TASK)
     assert not isinstance(exc.value, ConsensusError)
-    assert (exc.value.kind, exc.value.key) == ("model", ref_id)
+    assert exc.value.needs == (Need("model", ref_id),)
     artifacts.add_model(ref_id, honest.model)
     assert eng.validate_block_seal(EASY, header_of(solution), TASK) is None
 
@@ -1078,7 +1139,7 @@ def test_block_with_missing_artifacts_stores_nothing(tmp_path, cache, easy_chain
     with pytest.raises(MissingArtifact) as exc:
         add(store, mined.block)
     assert not isinstance(exc.value, ConsensusError)
-    assert (exc.value.kind, exc.value.index) == ("checkpoint", last)
+    assert exc.value.needs == (Need("checkpoint", root, last),)
     assert store.get_entry(mined.block_id) is None
     assert db.get(schema.block_key(mined.block_id)) is None
     assert db.get(schema.index_key(mined.block_id)) is None
@@ -1087,3 +1148,124 @@ def test_block_with_missing_artifacts_stores_nothing(tmp_path, cache, easy_chain
     artifacts.add_checkpoint(root, solution.checkpoint(last))  # fetched; try again
     assert add(store, mined.block) == "connected"
     store.close()
+
+
+@pytest.mark.parametrize("q_local", [0, 2, ALL])
+@pytest.mark.parametrize("with_ref", [False, True], ids=["no-ref", "ref"])
+def test_missing_artifacts_are_asked_for_in_two_rounds(monkeypatch, cache, honest, referenced,
+                                                       with_ref, q_local):
+    """Nothing but some checkpoints here: the first MissingArtifact names the models and
+    the history, the second every audited checkpoint still missing and nothing else, no
+    validation pass runs before both are fetched, and then the block passes."""
+    solution = referenced if with_ref else honest
+    root, j = solution.proof.ckpt_root, solution.proof.steps // K
+    deleted = {*range(1, j + 1, 2), j}  # the last interval's end is always audited
+    artifacts = RecordingArtifacts()
+    for i in set(range(j + 1)) - deleted:
+        artifacts.add_checkpoint(root, solution.checkpoint(i))
+    recount = CountingRecount(monkeypatch)
+    eng = DPoDLEngine(artifacts, cache, q_local=q_local, rng=Fickle())
+    header = header_of(solution)
+
+    with pytest.raises(MissingArtifact) as exc:
+        eng.validate_block_seal(EASY, header, TASK)
+    first = {Need("model", solution.proof.model_id), Need("history", root)}
+    if with_ref:
+        first.add(Need("model", honest.proof.model_id))
+    assert set(exc.value.needs) == first and len(exc.value.needs) == len(first)
+    assert not artifacts.fetched  # no checkpoint is named before the history is checked
+    artifacts.add_model(solution.proof.model_id, solution.model)
+    artifacts.add_history(root, solution.history)
+    if with_ref:
+        artifacts.add_model(honest.proof.model_id, honest.model)
+
+    with pytest.raises(MissingArtifact) as exc:
+        eng.validate_block_seal(EASY, header, TASK)
+    audited = {i for _, i in artifacts.fetched}
+    public = set(audit_targets(solution))
+    rest = set(range(j)) - public
+    assert ends(public) <= audited
+    assert any(audited == ends(public | set(private))  # q_local private intervals, no more
+               for private in itertools.combinations(sorted(rest), min(q_local, len(rest))))
+    if q_local == ALL:
+        assert audited == set(range(j + 1))
+    second = {Need("checkpoint", root, i) for i in audited & deleted}
+    assert set(exc.value.needs) == second and len(exc.value.needs) == len(second)
+    assert recount.calls == 0
+
+    for need in exc.value.needs:
+        artifacts.add_checkpoint(root, solution.checkpoint(need.index))
+    artifacts.fetched.clear()
+    assert eng.validate_block_seal(EASY, header, TASK) is None
+    assert {i for _, i in artifacts.fetched} == audited  # the intervals of the first try
+    assert recount.calls == 1
+    assert all(artifacts.get_checkpoint(root, i) is None for i in deleted - audited)
+
+
+def test_a_retry_audits_the_private_intervals_of_the_first_attempt(cache, honest):
+    """The rng would pick other intervals on every call; the retries of one block still
+    ask for the same checkpoints, and a verdict frees the choice."""
+    artifacts = publish(honest)
+    root = honest.proof.ckpt_root
+    for i in range(J + 1):
+        del artifacts.checkpoints[root, i]
+    rng = Fickle()
+    eng = DPoDLEngine(artifacts, cache, q_local=2, rng=rng)
+    header = header_of(honest)
+    asked = []
+    for _ in range(3):
+        with pytest.raises(MissingArtifact) as exc:
+            eng.validate_block_seal(EASY, header, TASK)
+        asked.append(set(exc.value.needs))
+    assert asked[0] == asked[1] == asked[2] and rng.draws == 1
+    with pytest.raises(MissingArtifact) as exc:  # what the engine's memory is for
+        DPoDLEngine(artifacts, cache, q_local=2, rng=rng).validate_block_seal(EASY, header, TASK)
+    assert set(exc.value.needs) != asked[0] and rng.draws == 2
+    for need in asked[0]:
+        artifacts.add_checkpoint(root, honest.checkpoint(need.index))
+    assert eng.validate_block_seal(EASY, header, TASK) is None
+    assert rng.draws == 2
+    publish(honest, artifacts=artifacts)
+    assert eng.validate_block_seal(EASY, header, TASK) is None  # passed: drawn afresh
+    assert rng.draws == 3
+
+
+def test_a_rejection_frees_the_private_choice(cache, hidden):
+    rng = Fickle()
+    eng = engine(cache, hidden.solution, q_local=ALL, rng=rng)
+    for draws in (1, 2):
+        with pytest.raises(FraudFound):
+            eng.validate_block_seal(EASY, hidden.header, TASK)
+        assert rng.draws == draws
+
+
+def test_private_choices_kept_are_bounded(monkeypatch, cache, honest, referenced):
+    """Past MAX_PLANS subjects awaiting checkpoints, the least recently tried is dropped."""
+    monkeypatch.setattr("mining.verifier.MAX_PLANS", 1)
+    artifacts = MemoryArtifacts()
+    for solution in (honest, referenced):
+        artifacts.add_model(solution.proof.model_id, solution.model)
+        artifacts.add_history(solution.proof.ckpt_root, solution.history)
+    rng = Fickle()
+    eng = DPoDLEngine(artifacts, cache, q_local=2, rng=rng)
+    for solution, draws in ((honest, 1), (referenced, 2), (referenced, 2), (honest, 3)):
+        with pytest.raises(MissingArtifact):
+            eng.validate_block_seal(EASY, header_of(solution), TASK)
+        assert rng.draws == draws
+
+
+def test_no_validation_pass_while_audited_checkpoints_are_missing(monkeypatch, cache, honest):
+    artifacts = publish(honest)
+    root = honest.proof.ckpt_root
+    for i in (0, J):
+        del artifacts.checkpoints[root, i]
+    recount = CountingRecount(monkeypatch)
+    eng = DPoDLEngine(artifacts, cache, q_local=ALL)
+    for _ in range(2):
+        with pytest.raises(MissingArtifact) as exc:
+            eng.validate_block_seal(EASY, header_of(honest), TASK)
+        assert exc.value.needs == (Need("checkpoint", root, 0), Need("checkpoint", root, J))
+    assert recount.calls == 0
+    publish(honest, artifacts=artifacts)
+    assert eng.validate_block_seal(EASY, header_of(honest), TASK) is None
+    assert recount.calls == 1

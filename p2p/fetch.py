@@ -1,0 +1,212 @@
+"""Moving models, histories and checkpoints between nodes, in chunks (PROTOCOL.md §8, §11).
+
+A verifier that lacks an artifact asks the peers that gave it the block or model
+transaction, one after the other, for the artifact by id (`getmodel`; `getckpt` for
+the leaf list or one checkpoint with its Merkle path). The bytes arrive in chunks by
+offset; once whole they are decoded and checked against the id asked for before they
+are stored (storage.artifacts refuses anything that does not hash to its key), so a
+peer cannot plant a wrong artifact, only waste one request and be disconnected.
+
+Serving: what is stored is served. A node that relays a block keeps only the
+checkpoints its own audits needed, while the next verifier draws its own private
+intervals, so a checkpoint asked for and not here is fetched from the peers this node
+got the block from and then served ("serve-through"): every verifier can reach the
+miner's full history however far away the miner is, and each hop stores only what was
+asked for. Requests for the same artifact share one download.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from consensus.checkpoints import MAX_TENSOR_BYTES, Checkpoint, History
+from consensus.encoding import decode, encode
+from consensus.errors import DecodeError
+from consensus.models import ModelBlob
+from mining.artifacts import Need
+from p2p.messages import CHUNK_SIZE, HISTORY, CkptChunk, GetCkpt, GetModel, ModelChunk
+from p2p.peer import Peer
+from storage import schema
+from storage.artifacts import ArtifactStore
+
+log = logging.getLogger("dpodl.p2p")
+
+# The largest whole artifact accepted, by kind: a model's and a checkpoint's tensors,
+# plus their few small fields; a history of MAX_CHECKPOINTS leaves is well under 1 MiB.
+MAX_ARTIFACT = {"model": MAX_TENSOR_BYTES + 4096, "checkpoint": 2 * MAX_TENSOR_BYTES + 8192,
+                "history": 1 << 20}
+ENCODED_CACHE = 8  # artifacts kept encoded for serving their next chunks
+
+Chunk = ModelChunk | CkptChunk
+Punish = Callable[[Peer, str], None]
+
+
+class FetchFailed(Exception):
+    """No peer could supply the artifact."""
+
+
+def need_of(msg: GetModel | GetCkpt | Chunk) -> Need:
+    """The artifact a request or chunk is about."""
+    if isinstance(msg, GetModel | ModelChunk):
+        return Need("model", msg.model_id)
+    if msg.index == HISTORY:
+        return Need("history", msg.ckpt_root)
+    return Need("checkpoint", msg.ckpt_root, msg.index)
+
+
+def request(need: Need, offset: int) -> GetModel | GetCkpt:
+    if need.kind == "model":
+        return GetModel(need.key, offset)
+    return GetCkpt(need.key, HISTORY if need.index is None else need.index, offset)
+
+
+def chunk(need: Need, offset: int, total: int, data: bytes) -> Chunk:
+    if need.kind == "model":
+        return ModelChunk(need.key, offset, total, data)
+    return CkptChunk(need.key, HISTORY if need.index is None else need.index, offset, total, data)
+
+
+class Fetcher:
+    def __init__(self, artifacts: ArtifactStore, *, timeout: float, punish: Punish) -> None:
+        self.artifacts, self.timeout, self._punish = artifacts, timeout, punish
+        self._waiting: dict[tuple[int, Need, int], asyncio.Future[Chunk]] = {}
+        self._downloads: dict[Need, asyncio.Future[None]] = {}
+        self._encoded: OrderedDict[Need, bytes] = OrderedDict()
+        self.fetched = 0  # artifacts stored, for getnetworkinfo and tests
+
+    # -- fetching ------------------------------------------------------------------------
+
+    def have(self, need: Need) -> bool:
+        if need.kind == "model":
+            key = schema.model_key(need.key)
+        elif need.kind == "history":
+            key = schema.history_key(need.key)
+        else:
+            assert need.index is not None
+            key = schema.checkpoint_key(need.key, need.index)
+        return self.artifacts.db.get(key) is not None
+
+    async def fetch(self, needs: Sequence[Need], peers: Sequence[Peer]) -> None:
+        """Fetch and store every artifact of `needs` (concurrently) from the first of
+        `peers` that has it; FetchFailed when one could not be had."""
+        await asyncio.gather(*(self._fetch_one(need, peers) for need in needs))
+
+    async def _fetch_one(self, need: Need, peers: Sequence[Peer]) -> None:
+        download = self._downloads.get(need)
+        if download is None:
+            download = asyncio.ensure_future(self._download(need, list(peers)))
+            self._downloads[need] = download
+            download.add_done_callback(lambda _: self._downloads.pop(need, None))
+        await asyncio.shield(download)
+
+    async def _download(self, need: Need, peers: list[Peer]) -> None:
+        for peer in peers:
+            if not peer.alive:
+                continue
+            data = await self._download_from(peer, need)
+            if data is None:
+                continue
+            try:
+                await asyncio.to_thread(self._store, need, data)
+            except (DecodeError, ValueError) as e:
+                self._punish(peer, "bad-artifact")
+                log.info("%r served a bad %s: %s", peer, need.kind, e)
+                continue
+            self.fetched += 1
+            return
+        raise FetchFailed(f"no peer supplied {need.kind} {need.key.hex()}")
+
+    async def _download_from(self, peer: Peer, need: Need) -> bytes | None:
+        """The artifact's bytes from `peer`, or None when it has not got them (or is
+        too slow, or gone)."""
+        parts: list[bytes] = []
+        offset, total = 0, None
+        while total is None or offset < total:
+            key = (peer.id, need, offset)
+            future = self._waiting[key] = asyncio.get_running_loop().create_future()
+            peer.send(request(need, offset))
+            closed = asyncio.ensure_future(peer.closed.wait())
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await asyncio.wait({future, closed}, return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                peer.close(f"stalled: no {need.kind} chunk in {self.timeout:.0f}s")
+                return None
+            finally:
+                closed.cancel()
+                self._waiting.pop(key, None)
+            if not future.done():
+                return None  # the peer went away
+            piece = future.result()
+            if piece.total == 0:
+                return None
+            if total is None:
+                total = piece.total
+                if total > MAX_ARTIFACT[need.kind]:
+                    self._punish(peer, "oversize-artifact")
+                    return None
+            if piece.total != total or not piece.data or offset + len(piece.data) > total:
+                self._punish(peer, "bad-chunk")
+                return None
+            parts.append(piece.data)
+            offset += len(piece.data)
+        return b"".join(parts)
+
+    def on_chunk(self, peer: Peer, piece: Chunk) -> bool:
+        """Hand a chunk to its request; False when nothing asked for it."""
+        future = self._waiting.pop((peer.id, need_of(piece), piece.offset), None)
+        if future is None or future.done():
+            return False
+        future.set_result(piece)
+        return True
+
+    def _store(self, need: Need, data: bytes) -> None:
+        if need.kind == "model":
+            self.artifacts.add_model(need.key, decode(ModelBlob, data))
+        elif need.kind == "history":
+            self.artifacts.add_history(need.key, decode(History, data))
+        else:
+            ckpt = decode(Checkpoint, data)
+            if ckpt.leaf.index != need.index:
+                raise ValueError(f"checkpoint {ckpt.leaf.index} for {need.index}")
+            self.artifacts.add_checkpoint(need.key, ckpt)
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def serve(self, peer: Peer, msg: GetModel | GetCkpt, sources: Sequence[Peer]) -> None:
+        """Answer a chunk request: from the store, or fetched through from `sources`."""
+        need = need_of(msg)
+        data = await self._encoding(need)
+        if data is None and sources:
+            with contextlib.suppress(FetchFailed):
+                await self.fetch([need], [p for p in sources if p is not peer])
+            data = await self._encoding(need)
+        if data is None or msg.offset >= len(data):
+            peer.send(chunk(need, msg.offset, 0, b""))
+            return
+        peer.send(chunk(need, msg.offset, len(data), data[msg.offset:msg.offset + CHUNK_SIZE]))
+
+    async def _encoding(self, need: Need) -> bytes | None:
+        """The artifact's canonical bytes, kept a while for the requests of its next chunks."""
+        data = self._encoded.get(need)
+        if data is not None:
+            self._encoded.move_to_end(need)
+            return data
+        data = await asyncio.to_thread(self._read, need)
+        if data is not None:
+            self._encoded[need] = data
+            if len(self._encoded) > ENCODED_CACHE:
+                self._encoded.popitem(last=False)
+        return data
+
+    def _read(self, need: Need) -> bytes | None:
+        if need.kind == "model":
+            obj: object = self.artifacts.get_model(need.key)
+        elif need.kind == "history":
+            obj = self.artifacts.get_history(need.key)
+        else:
+            assert need.index is not None
+            obj = self.artifacts.get_checkpoint(need.key, need.index)
+        return None if obj is None else encode(obj)

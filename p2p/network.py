@@ -1,0 +1,672 @@
+"""The node's P2P network: connections, relay, sync, artifacts and fraud proofs (§8, §11).
+
+One asyncio task per connection reads its messages in order and answers the quick
+ones at once; whatever waits on the chain (adding a block, a transaction) or on other
+peers (fetching artifacts) runs in its own task, so no peer's reader ever waits on
+another peer. Blocks are added one at a time, parent first, by one task.
+
+Peer management follows Bitcoin Core where §11 is silent:
+- up to `max_outbound` connections we dial (the `--peer` seeds and `addnode` peers are
+  dialled on top of those and redialled when they drop) and `max_inbound` accepted;
+- addresses are learnt from handshakes (the peer's address with its listening port),
+  `getaddr` (asked of every outbound peer, answered once per inbound one) and `addr`
+  (at most 0.1 a second per peer after a burst of 1,000; small announcements are
+  passed on to two other peers);
+- ping every `ping_interval`; a peer silent for `idle_timeout` is dropped;
+- misbehaviour (a malformed or oversize frame, an invalid block or header, data not
+  asked for, an inv flood) disconnects the peer and bans its address for
+  `ban_seconds`. Not scored: one strike. Like Bitcoin Core, peers on 127.0.0.1 and ::1
+  are disconnected but not banned, or one bad local process would cut off a local
+  testnet; other loopback addresses (127.0.0.2, …) are banned like any other.
+- A block that fails a private audit is not held against the peer that relayed it: its
+  own audits drew other intervals. The fraud proof goes to every peer instead.
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from consensus.blocks import Block, compute_block_id
+from consensus.checkpoints import FraudProof
+from consensus.encoding import ZERO_HASH, Hash
+from consensus.errors import ConsensusError
+from consensus.proofs import Proof
+from consensus.transactions import ModelTx, Transaction, compute_tx_id
+from mining.artifacts import MissingArtifact, Need
+from mining.verifier import FraudFound
+from p2p.addrman import Address, AddressBook, parse_address
+from p2p.fetch import Fetcher, FetchFailed
+from p2p.framing import ConnectionClosed, FrameError
+from p2p.handshake import compute_genesis_id, handshake
+from p2p.messages import (
+    INV_BLOCK,
+    INV_MTX,
+    INV_TX,
+    MAX_ADDR,
+    MAX_CONTROL,
+    MAX_INV,
+    PROTOCOL_VERSION,
+    Addr,
+    CkptChunk,
+    GetAddr,
+    GetCkpt,
+    GetData,
+    GetHeaders,
+    GetModel,
+    Headers,
+    Inv,
+    InvItem,
+    Kind,
+    Message,
+    ModelChunk,
+    NetAddress,
+    NotFound,
+    Ping,
+    Pong,
+    ProtocolError,
+    Tx,
+    Version,
+)
+from p2p.peer import KnownSet, Peer
+from p2p.sync import BlockSync, build_locator, headers_after
+from storage import schema
+from storage.chain import MissingParent
+from storage.schema import STATUS_INVALID
+
+if TYPE_CHECKING:
+    from node.node import Node
+
+log = logging.getLogger("dpodl.p2p")
+
+USER_AGENT = b"/dpodl:0.1/"
+TX_REQUESTS_PER_PEER = 100
+SOURCES = 4096  # artifact ids whose sources are remembered
+LOCAL_HOSTS = frozenset({"127.0.0.1", "::1"})
+
+
+@dataclass(frozen=True, slots=True)
+class NetConfig:
+    bind: str = "0.0.0.0"
+    port: int = 0  # 0: do not listen
+    seeds: tuple[Address, ...] = ()
+    max_outbound: int = 8
+    max_inbound: int = 32
+    handshake_timeout: float = 10.0
+    ping_interval: float = 30.0
+    idle_timeout: float = 120.0
+    stall_timeout: float = 20.0
+    fetch_timeout: float = 30.0
+    ban_seconds: float = 3600.0
+    send_queue_bytes: int = 64 << 20
+    tick: float = 0.5  # how often connections, stalls and pings are looked after
+    user_agent: bytes = USER_AGENT
+
+
+@dataclass(slots=True)
+class NetStats:
+    blocks_in: int = 0
+    txs_in: int = 0
+    fraud_proofs: int = 0
+    bans: int = 0
+    first_seen: dict[Hash, float] = field(default_factory=dict)  # block id → when it came
+
+
+class Network:
+    def __init__(self, node: "Node", config: NetConfig) -> None:
+        self.node, self.config = node, config
+        self.params, self.store = node.params, node.store
+        self.genesis_id = compute_genesis_id(self.params)
+        self.book = AddressBook()
+        self.peers: dict[int, Peer] = {}
+        self.manual: set[Address] = set(config.seeds)
+        self.sync = BlockSync(self.params, self.store, stall_timeout=config.stall_timeout)
+        self.fetcher = Fetcher(node.artifacts, timeout=config.fetch_timeout,
+                               punish=self.punish)
+        self.stats = NetStats()
+        self.active = True  # setnetworkactive
+        self._sources: OrderedDict[Hash, list[Peer]] = OrderedDict()
+        self._tx_requests: dict[Hash, Peer] = {}
+        self._rejected_txs = KnownSet(10_000)
+        self._seen_proofs = KnownSet(1_000)
+        self._nonces: set[int] = set()
+        self._dialling: set[Address] = set()
+        self._redial: dict[Address, float] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._blocks_ready = asyncio.Event()
+        self._own_addrs: set[Address] = set()  # where dialling reached ourselves
+        self._server: asyncio.Server | None = None
+        self._closing = False
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.config.port:
+            self._server = await asyncio.start_server(self._accept, self.config.bind,
+                                                      self.config.port)
+            log.info("P2P on %s:%d", self.config.bind, self.config.port)
+        self._spawn(self._maintain())
+        self._spawn(self._add_blocks())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self.peers.values()):
+            peer.close("shutdown")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._closing:
+            log.error("P2P task failed", exc_info=task.exception())
+
+    # -- connections -------------------------------------------------------------------
+
+    def add_node(self, addr: Address) -> None:
+        """Dial `addr` and keep it connected (`addnode add`, `--peer`)."""
+        self.manual.add(addr)
+        self._redial.pop(addr, None)
+
+    def remove_node(self, addr: Address) -> bool:
+        if addr not in self.manual:
+            return False
+        self.manual.discard(addr)
+        return True
+
+    def dial_once(self, addr: Address) -> None:
+        self._spawn(self._dial(addr))
+
+    def ban(self, host: str, seconds: float, reason: str) -> None:
+        """Refuse `host` for `seconds` and drop its connections (setban)."""
+        self.book.ban(host, seconds, reason)
+        for peer in list(self.peers.values()):
+            if peer.addr[0] == host:
+                peer.close(f"banned: {reason}")
+
+    def disconnect(self, peer_id: int) -> bool:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return False
+        peer.close("disconnected by the operator")
+        return True
+
+    def set_active(self, active: bool) -> None:
+        self.active = active
+        if not active:
+            for peer in list(self.peers.values()):
+                peer.close("network disabled")
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        inbound = sum(p.inbound for p in self.peers.values())
+        if (not self.active or self._closing or self.book.is_banned(host)
+                or inbound >= self.config.max_inbound):
+            writer.transport.abort()
+            return
+        await self._run(reader, writer, (host, port), inbound=True)
+
+    async def _dial(self, addr: Address) -> None:
+        self._dialling.add(addr)
+        self.book.attempt(addr)
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                reader, writer = await asyncio.open_connection(*addr)
+        except (OSError, TimeoutError) as e:
+            log.debug("could not connect to %s:%d: %s", *addr, e)
+            self.book.failed(addr)
+            return
+        finally:
+            self._dialling.discard(addr)
+        await self._run(reader, writer, addr, inbound=False)
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   addr: Address, *, inbound: bool) -> None:
+        nonce = random.getrandbits(64)
+        ours = Version(PROTOCOL_VERSION, self.genesis_id, self.store.height,
+                       self.config.port, nonce, self.config.user_agent)
+        self._nonces.add(nonce)
+        try:
+            theirs = await handshake(reader, writer, self.params, ours=ours,
+                                     timeout=self.config.handshake_timeout,
+                                     max_payload=MAX_CONTROL, own_nonces=self._nonces)
+        except (FrameError, ConnectionClosed, OSError) as e:
+            reason = getattr(e, "reason", type(e).__name__)
+            log.info("handshake with %s:%d failed: %s", *addr, reason)
+            if not inbound:
+                self.book.failed(addr)
+                if reason == "self-connection":
+                    self._own_addrs.add(addr)
+            if reason not in ("self-connection", "timeout") and isinstance(e, FrameError):
+                self._ban(addr[0], f"handshake: {reason}")
+            writer.transport.abort()
+            self._nonces.discard(nonce)
+            return
+        peer = Peer(reader, writer, params=self.params, addr=addr, inbound=inbound,
+                    version=theirs, send_queue_bytes=self.config.send_queue_bytes)
+        peer.manual = addr in self.manual
+        peer.listen_addr = addr if not inbound else self._listen_addr(addr[0],
+                                                                       theirs.listen_port)
+        self.peers[peer.id] = peer
+        try:
+            await self._serve(peer)
+        finally:
+            self._nonces.discard(nonce)
+            peer.close(peer.close_reason or "closed")
+            await peer.wait_closed()
+            del self.peers[peer.id]
+            self.sync.forget_peer(peer)
+            for tx_id in [t for t, p in self._tx_requests.items() if p is peer]:
+                del self._tx_requests[tx_id]
+            if peer.listen_addr is not None:
+                self.book.disconnected(peer.listen_addr)
+            log.info("%r disconnected: %s", peer, peer.close_reason)
+            self._blocks_ready.set()
+
+    def _listen_addr(self, host: str, port: int) -> Address | None:
+        try:
+            return parse_address(host, port) if port else None
+        except ValueError:
+            return None
+
+    async def _serve(self, peer: Peer) -> None:
+        log.info("%r connected (%s, height %d, %s)", peer,
+                 "inbound" if peer.inbound else "outbound", peer.version.best_height,
+                 peer.version.user_agent.decode(errors="replace"))
+        if peer.listen_addr is not None:
+            self.book.add(peer.listen_addr)
+            self.book.connected(peer.listen_addr)
+        if not peer.inbound:
+            peer.send(GetAddr())
+        self._ask_headers(peer)
+        while peer.alive:
+            try:
+                msg = await peer.receive(self.config.idle_timeout)
+            except ConnectionClosed:
+                peer.close("closed by peer")
+                return
+            except FrameError as e:
+                if e.reason == "timeout":
+                    peer.close("idle")
+                else:
+                    self.punish(peer, e.reason)
+                return
+            except (ConnectionError, OSError):
+                peer.close("connection-lost")
+                return
+            try:
+                self._dispatch(peer, msg)
+            except FrameError as e:  # ProtocolError from a handler
+                self.punish(peer, e.reason)
+            except ConsensusError as e:
+                self.punish(peer, f"invalid: {e.reason}")
+
+    def punish(self, peer: Peer, reason: str) -> None:
+        """Disconnect a misbehaving peer and refuse its address for a while."""
+        if not peer.alive:
+            return
+        log.info("%r misbehaved: %s", peer, reason)
+        peer.close(f"misbehaved: {reason}")
+        self._ban(peer.addr[0], reason)
+
+    def _ban(self, host: str, reason: str) -> None:
+        if host not in LOCAL_HOSTS:
+            self.stats.bans += 1
+            self.ban(host, self.config.ban_seconds, reason)
+
+    async def _maintain(self) -> None:
+        """Dial, ping, and drop stallers, every tick."""
+        while True:
+            now = time.monotonic()
+            if self.active:
+                self._dial_more(now)
+            for peer in list(self.peers.values()):
+                if peer.ping_nonce is None and now - peer.ping_sent > self.config.ping_interval:
+                    peer.ping_nonce = random.getrandbits(64)
+                    peer.ping_sent = now
+                    peer.send(Ping(peer.ping_nonce))
+                elif (peer.ping_nonce is not None
+                      and now - peer.ping_sent > self.config.idle_timeout):
+                    peer.close("ping-timeout")
+            for peer in self.sync.stallers(now) + self.sync.late_headers(self.peers, now):
+                log.info("%r stalled", peer)
+                peer.close("stalled")
+            best = self.sync.best_height()
+            for peer in list(self.peers.values()):
+                if peer.best_height > best:  # it has more than we know of: catch up
+                    self._ask_headers(peer)
+            self._request_blocks()
+            await asyncio.sleep(self.config.tick)
+
+    def _dial_more(self, now: float) -> None:
+        connected = {p.listen_addr for p in self.peers.values() if p.listen_addr}
+        busy = connected | self._dialling | self._own_addrs
+        for addr in self.manual - busy:
+            if self._redial.get(addr, 0.0) <= now:
+                self._redial[addr] = now + 5.0
+                self._spawn(self._dial(addr))
+        outbound = sum(not p.inbound and not p.manual for p in self.peers.values())
+        want = self.config.max_outbound - outbound - len(self._dialling - self.manual)
+        for _ in range(max(0, want)):
+            addr = self.book.pick(busy | self.manual)
+            if addr is None:
+                break
+            busy.add(addr)
+            self._spawn(self._dial(addr))
+
+    # -- messages ----------------------------------------------------------------------
+
+    def _dispatch(self, peer: Peer, msg: Message) -> None:
+        handler = self._handlers.get(type(msg))
+        if handler is None:  # version or verack again
+            raise ProtocolError("unexpected-message", f"{type(msg).__name__} after the handshake")
+        handler(self, peer, msg)
+
+    def _on_ping(self, peer: Peer, msg: Ping) -> None:
+        peer.send(Pong(msg.nonce))
+
+    def _on_pong(self, peer: Peer, msg: Pong) -> None:
+        if msg.nonce == peer.ping_nonce:
+            peer.ping_time = time.monotonic() - peer.ping_sent
+            peer.ping_nonce = None
+
+    def _on_getaddr(self, peer: Peer, msg: GetAddr) -> None:
+        if peer.inbound and not peer.sent_addr:
+            peer.sent_addr = True
+            peer.send(Addr(tuple(NetAddress(host.encode(), port, int(seen))
+                                 for (host, port), seen in self.book.sample(MAX_ADDR))))
+
+    def _on_addr(self, peer: Peer, msg: Addr) -> None:
+        fresh = []
+        now = time.time()
+        for item in msg.addrs:
+            if not peer.addr_limit.take():
+                break  # over its rate: the rest is dropped, not held against it
+            try:
+                addr = parse_address(item.host, item.port)
+            except ValueError:
+                continue
+            if self.book.add(addr, seen=min(float(item.seen), now)) and now - item.seen < 600:
+                fresh.append(item)
+        if fresh and len(msg.addrs) <= 10:  # pass a small announcement on
+            others = [p for p in self.peers.values() if p is not peer]
+            for other in random.sample(others, min(2, len(others))):
+                other.send(Addr(tuple(fresh)))
+
+    def _on_inv(self, peer: Peer, msg: Inv) -> None:
+        if not peer.inv_limit.take(len(msg.items)):
+            raise ProtocolError("inv-flood", f"{len(msg.items)} items over the rate")
+        wanted = []
+        for item in msg.items:
+            if item.kind == INV_BLOCK:
+                peer.known_blocks.add(item.id)
+                if item.id in self.sync.invalid:
+                    continue
+                if self.store.get_entry(item.id) is None and item.id not in self.sync.headers:
+                    self._ask_headers(peer)
+            elif item.kind in (INV_TX, INV_MTX):
+                peer.known_txs.add(item.id)
+                if (item.id in self._tx_requests or item.id in self._rejected_txs
+                        or peer.tx_requests >= TX_REQUESTS_PER_PEER
+                        or self.node.mempool.get(item.id) is not None):
+                    continue
+                self._tx_requests[item.id] = peer
+                peer.tx_requests += 1
+                wanted.append(item)
+        if wanted:
+            peer.send(GetData(tuple(wanted)))
+
+    def _on_getdata(self, peer: Peer, msg: GetData) -> None:
+        missing = []
+        for item in msg.items:
+            if item.kind == INV_BLOCK:
+                raw = self.store.db.get(schema.block_key(item.id))
+                if raw is None:
+                    missing.append(item)
+                else:
+                    peer.known_blocks.add(item.id)
+                    peer.send_raw(Kind.BLOCK, raw)
+            else:
+                tx = self.node.mempool.get(item.id)
+                if tx is None:
+                    missing.append(item)
+                else:
+                    peer.known_txs.add(item.id)
+                    peer.send(Tx(tx))
+        if missing:
+            peer.send(NotFound(tuple(missing)))
+
+    def _on_notfound(self, peer: Peer, msg: NotFound) -> None:
+        for item in msg.items:
+            if item.kind == INV_BLOCK:
+                self.sync.not_found(peer, item.id)
+            elif self._tx_requests.get(item.id) is peer:
+                del self._tx_requests[item.id]
+                peer.tx_requests -= 1
+
+    def _on_getheaders(self, peer: Peer, msg: GetHeaders) -> None:
+        headers = headers_after(self.store, msg.locator, msg.stop)
+        for header in headers:
+            peer.known_blocks.add(compute_block_id(header))
+        peer.send(Headers(tuple(headers)))
+
+    def _on_headers(self, peer: Peer, msg: Headers) -> None:
+        more = self.sync.add_headers(peer, msg.headers)
+        if more:
+            last = compute_block_id(msg.headers[-1])
+            self.sync.want_headers(peer)
+            peer.send(GetHeaders((last, *build_locator(self.store)), ZERO_HASH))
+        self._request_blocks()
+
+    def _on_block(self, peer: Peer, block: Block) -> None:
+        if not self.sync.on_block(peer, block):
+            raise ProtocolError("unrequested-data", "a block not asked for")
+        block_id = compute_block_id(block.header)
+        self.stats.first_seen.setdefault(block_id, time.time())
+        self.stats.blocks_in += 1
+        self._note_sources(block, peer)
+        self._spawn(self._prefetch(block, peer))
+        self._blocks_ready.set()
+        self._request_blocks()
+
+    def _on_tx(self, peer: Peer, msg: Tx) -> None:
+        tx_id = compute_tx_id(msg.tx)
+        if self._tx_requests.get(tx_id) is not peer:
+            raise ProtocolError("unrequested-data", "a transaction not asked for")
+        del self._tx_requests[tx_id]
+        peer.tx_requests -= 1
+        self.stats.txs_in += 1
+        self._spawn(self._add_tx(peer, tx_id, msg.tx))
+
+    def _on_getartifact(self, peer: Peer, msg: GetModel | GetCkpt) -> None:
+        key = msg.model_id if isinstance(msg, GetModel) else msg.ckpt_root
+        sources = [p for p in self._sources.get(key, ()) if p.alive and p is not peer]
+        self._spawn(self.fetcher.serve(peer, msg, sources))
+
+    def _on_chunk(self, peer: Peer, msg: ModelChunk | CkptChunk) -> None:
+        if not self.fetcher.on_chunk(peer, msg):
+            raise ProtocolError("unrequested-data", "an artifact chunk not asked for")
+
+    def _on_fraud_proof(self, peer: Peer, msg: FraudProof) -> None:
+        key = (msg.owner_id, msg.start.leaf.index)
+        if key not in self._seen_proofs:
+            self._seen_proofs.add(key)
+            self._spawn(self._check_fraud(peer, msg))
+
+    _handlers: dict[type, Any] = {
+        Ping: _on_ping, Pong: _on_pong, GetAddr: _on_getaddr, Addr: _on_addr, Inv: _on_inv,
+        GetData: _on_getdata, NotFound: _on_notfound, GetHeaders: _on_getheaders,
+        Headers: _on_headers, Block: _on_block, Tx: _on_tx, GetModel: _on_getartifact,
+        GetCkpt: _on_getartifact, ModelChunk: _on_chunk, CkptChunk: _on_chunk,
+        FraudProof: _on_fraud_proof,
+    }
+
+    # -- sync --------------------------------------------------------------------------
+
+    def _ask_headers(self, peer: Peer) -> None:
+        if self.sync.want_headers(peer):
+            peer.send(GetHeaders(build_locator(self.store), ZERO_HASH))
+
+    def _request_blocks(self) -> None:
+        for peer, block_ids in self.sync.requests(list(self.peers.values())).items():
+            for i in range(0, len(block_ids), MAX_INV):
+                peer.send(GetData(tuple(InvItem(INV_BLOCK, b) for b in block_ids[i:i + MAX_INV])))
+
+    def _note_sources(self, block: Block, peer: Peer) -> None:
+        """Remember that `peer` can serve the artifacts of `block` and its mtxs."""
+        for proof in _proofs(block):
+            for key in (proof.model_id, proof.ckpt_root, proof.ref_model):
+                if key:
+                    self._add_source(Hash(key), peer)
+
+    def _add_source(self, key: Hash, peer: Peer) -> None:
+        sources = self._sources.setdefault(key, [])
+        if peer not in sources:
+            sources.append(peer)
+        self._sources.move_to_end(key)
+        if len(self._sources) > SOURCES:
+            self._sources.popitem(last=False)
+
+    def _sources_of(self, needs: Iterable[Any], first: Peer) -> list[Peer]:
+        peers = [first]
+        for need in needs:
+            peers += [p for p in self._sources.get(need.key, ()) if p not in peers]
+        return [p for p in peers if p.alive]
+
+    async def _add_blocks(self) -> None:
+        """Add arrived blocks, parent first, one at a time."""
+        while True:
+            await self._blocks_ready.wait()
+            self._blocks_ready.clear()
+            while (item := self.sync.next_ready()) is not None:
+                await self._add_block(*item)
+                self._request_blocks()
+
+    async def _add_block(self, block: Block, peer: Peer) -> None:
+        block_id = compute_block_id(block.header)
+        # Each proof (the block's, each mtx's) may ask twice: for its model and history,
+        # then for the checkpoints its audits drew.
+        rounds = 2 * (1 + sum(isinstance(tx, ModelTx) for tx in block.txs)) + 1
+        for _ in range(rounds):
+            try:
+                t0 = time.monotonic()
+                await self.node.submit_block(block)
+                log.debug("block %s added in %.3fs", block_id.hex()[:12], time.monotonic() - t0)
+            except MissingArtifact as missing:
+                log.debug("block %s: %s", block_id.hex()[:12], missing)
+                try:
+                    await self.fetcher.fetch(missing.needs, self._sources_of(missing.needs, peer))
+                except FetchFailed as e:
+                    log.info("block %s from %r not checked: %s", block_id.hex(), peer, e)
+                    break
+                continue
+            except FraudFound as fraud:
+                log.warning("block %s: %s; sending the fraud proof", block_id.hex(), fraud)
+                self.sync.reject(block_id)
+                self._seen_proofs.add((block_id, fraud.proof.start.leaf.index))
+                self.broadcast(fraud.proof)
+            except ConsensusError as e:
+                log.info("block %s from %r refused: %s", block_id.hex(), peer, e)
+                self.sync.reject(block_id)
+                self.punish(peer, f"invalid-block: {e.reason}")
+            except MissingParent:
+                log.info("block %s from %r: parent gone", block_id.hex(), peer)
+            else:
+                self.sync.done(block_id)
+            return
+        self.sync.drop(block_id)
+
+    async def _prefetch(self, block: Block, peer: Peer) -> None:
+        """Fetch the models and histories the block's proofs name while earlier blocks
+        are being checked (the checkpoints wait for the verifier's own choice). The
+        verifier's cheap checks do not wait for this: a block that fails them costs no
+        download, and a fetch it then asks for joins the one under way."""
+        needs = []
+        for proof in _proofs(block):
+            needs += [Need("model", proof.model_id), Need("history", proof.ckpt_root)]
+            if proof.ref_model:
+                needs.append(Need("model", Hash(proof.ref_model)))
+        missing = [n for n in needs if not self.fetcher.have(n)]
+        with contextlib.suppress(FetchFailed):  # _add_block asks again, and says so
+            await self.fetcher.fetch(missing, self._sources_of(missing, peer))
+
+    async def _add_tx(self, peer: Peer, tx_id: Hash, tx: Transaction) -> None:
+        if isinstance(tx, ModelTx):
+            for key in (tx.proof.model_id, tx.proof.ckpt_root, tx.proof.ref_model):
+                if key:
+                    self._add_source(Hash(key), peer)
+        for _ in range(3):  # model and history, then checkpoints; one spare
+            try:
+                await self.node.submit_transaction(tx)
+            except MissingArtifact as missing:
+                try:
+                    await self.fetcher.fetch(missing.needs, self._sources_of(missing.needs, peer))
+                except FetchFailed as e:
+                    log.info("tx %s from %r not checked: %s", tx_id.hex(), peer, e)
+                    return
+                continue
+            except FraudFound as fraud:
+                self._rejected_txs.add(tx_id)
+                self._seen_proofs.add((tx_id, fraud.proof.start.leaf.index))
+                self.broadcast(fraud.proof)
+            except ConsensusError as e:
+                log.debug("tx %s from %r refused: %s", tx_id.hex(), peer, e)
+                self._rejected_txs.add(tx_id)
+            return
+
+    # -- relay -------------------------------------------------------------------------
+
+    def announce_block(self, block_id: Hash) -> None:
+        """Tell every peer that does not know it yet about a new tip."""
+        item = InvItem(INV_BLOCK, block_id)
+        for peer in self.peers.values():
+            if block_id not in peer.known_blocks:
+                peer.known_blocks.add(block_id)
+                peer.send(Inv((item,)))
+
+    def announce_tx(self, tx_id: Hash, tx: Transaction) -> None:
+        item = InvItem(INV_MTX if isinstance(tx, ModelTx) else INV_TX, tx_id)
+        for peer in self.peers.values():
+            if tx_id not in peer.known_txs:
+                peer.known_txs.add(tx_id)
+                peer.send(Inv((item,)))
+
+    def broadcast(self, proof: FraudProof) -> None:
+        self.stats.fraud_proofs += 1
+        for peer in self.peers.values():
+            peer.send(proof)
+
+    async def _check_fraud(self, peer: Peer, proof: FraudProof) -> None:
+        """Check a fraud proof against the block it accuses; if it holds, drop the block
+        and its descendants and pass the proof on; if not, the accuser misbehaved."""
+        entry = self.store.get_entry(proof.owner_id)
+        if entry is None or entry.status >= STATUS_INVALID:
+            return  # not a block we hold as valid (an mtx, one we never took, or dropped)
+        holds = await self.node.check_fraud_proof(proof)
+        if not holds:
+            self.punish(peer, "bad-fraud-proof")
+            return
+        log.warning("fraud proof from %r holds: dropping block %s", peer, proof.owner_id.hex())
+        self.sync.reject(proof.owner_id)
+        await self.node.invalidate_block(proof.owner_id)
+        self.broadcast(proof)
+
+
+def _proofs(block: Block) -> list[Proof]:
+    """The proofs a block carries: its own and its model transactions'."""
+    return [block.header.proof, *(tx.proof for tx in block.txs if isinstance(tx, ModelTx))]
