@@ -4,7 +4,7 @@ Chain rules are data here, not node configuration: two nodes with different
 parameters are on different chains, and the genesis id tells them apart.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from consensus.blocks import BLOCK_VERSION, Block, BlockHeader
@@ -126,7 +126,12 @@ TESTNET = ChainParams(
     rpc_port=19443,
 )
 
-NETWORKS = {p.name: p for p in (DEV, TESTNET)}
+# The dev chain under the accuracy-weighted fork-choice rule (§9): digits, 5 s blocks, a
+# genesis of its own (one second later) so that its nodes never take a dev node for a peer.
+DEV_ACCURACY = replace(DEV, name="dev-accuracy", magic=b"dpa\x00", fork_rule="accuracy",
+                       genesis_time=DEV.genesis_time + 1, p2p_port=18544, rpc_port=18543)
+
+NETWORKS = {p.name: p for p in (DEV, DEV_ACCURACY, TESTNET)}
 
 
 def genesis_block(params: ChainParams) -> Block:

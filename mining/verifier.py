@@ -20,6 +20,17 @@ let a cheater that withholds the checkpoints of its forged intervals wait for a 
 that misses them. Seeing which checkpoints a verifier asks for tells a cheater which
 intervals it audits, but only after its ckpt_root has committed every one of them.
 
+A proof that passed is remembered (Bitcoin Core's signature cache): a block retried after
+each round of fetching does not verify again the proofs that passed on an earlier try, and
+a model transaction the mempool verified is not verified again in a block (at the same
+target). Only complete passes are: a MissingArtifact is no verdict, and a rejection is
+the caller's to act on.
+So a subject's private audits are drawn once per verifier and not again when the subject
+comes back (a retry, a relay from another peer), which is the point: the draw is one
+sample a cheater cannot predict, the plans above already hold it across retries, and a
+redraw on resubmission would count on somebody resubmitting, which a cheater need not do.
+A fraud proof that holds makes the engine forget every pass of the proof it convicts.
+
 Choices where PROTOCOL.md is silent, made here:
 - A replay compares the momentum buffers as well as the parameters, each within
   `delta_ppm` of the committed parameters' norm (the momentum's error weighted by
@@ -60,7 +71,7 @@ from consensus.merkle import check_proof
 from consensus.models import ModelBlob, check_arch_in_space, check_params_fit, compute_model_id
 from consensus.params import ChainParams
 from consensus.proofs import Proof, check_target, compute_posthash, compute_prehash
-from consensus.tasks import Task
+from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, compute_tx_id
 from mining.artifacts import ArtifactSource, MissingArtifact, Need
 from mining.htoa import Draw, Hpp, compute_htoa
@@ -72,6 +83,9 @@ DEFAULT_Q_LOCAL = 2
 # comes back). A subject gets here only after its PreHash and its history and final
 # model checks passed, so filling this takes real work.
 MAX_PLANS = 1024
+# Proofs that passed, remembered by (subject id, task id, target); past this, the least
+# recently asked about is dropped and, if it comes back, verified again.
+MAX_PASSED = 4096
 
 
 class FraudFound(ConsensusError):
@@ -154,6 +168,10 @@ class DPoDLEngine:
         # a node may verify blocks and transactions on several executor threads.
         self._plans: OrderedDict[Hash, tuple[int, ...]] = OrderedDict()
         self._plans_lock = threading.Lock()
+        # (subject id, task id, target) -> the subject's (prev_id, proof), for every proof
+        # that passed, least recently used first; the value finds them for a fraud proof.
+        self._passed: OrderedDict[tuple[Hash, Hash, int], tuple[Hash, Proof]] = OrderedDict()
+        self._passed_lock = threading.Lock()
 
     # -- the SealEngine interface --------------------------------------------------------
 
@@ -195,12 +213,21 @@ class DPoDLEngine:
             draw = compute_htoa(task, h1, ref)
             self._audit(self._trainer(draw, task), task, start, end)
         except ConsensusError:
+            self._forget_passes(prev_id, proof)
             return True
         return False
 
     # -- the checks ------------------------------------------------------------------------
 
     def _validate(self, params: ChainParams, subject: _Subject, task: Task, target: int) -> None:
+        # The subject id commits to prev_id and every proof field, the task id among them;
+        # the task id is in the key as well because the verdict is on `task`, the argument,
+        # so a caller asking about another task gets an answer, not a remembered pass. The
+        # target is not committed: an mtx is checked against the target of each block that
+        # includes it. The chain's params are not either: an engine serves one chain.
+        key = (subject.owner_id, compute_task_id(task), target)
+        if self._check_passed(key):
+            return
         proof = subject.proof
         h1 = compute_prehash(subject.prev_id, proof)
         if not check_target(h1, params.t1):
@@ -231,6 +258,7 @@ class DPoDLEngine:
             self._forget(subject.owner_id)
             raise
         self._forget(subject.owner_id)
+        self._record_pass(key, subject)
 
     def _get_model(self, model_id: Hash, needs: list[Need]) -> ModelBlob | None:
         """The model file with this id, or None, noted in `needs`, if absent or corrupt."""
@@ -336,6 +364,31 @@ class DPoDLEngine:
         """Drop a subject's plan: its validation reached a verdict."""
         with self._plans_lock:
             self._plans.pop(owner_id, None)
+
+    def _check_passed(self, key: tuple[Hash, Hash, int]) -> bool:
+        """True when this subject passed under this task and target before."""
+        with self._passed_lock:
+            if key not in self._passed:
+                return False
+            self._passed.move_to_end(key)
+            return True
+
+    def _record_pass(self, key: tuple[Hash, Hash, int], subject: _Subject) -> None:
+        """Remember that this subject passed, dropping the least recently used past the
+        bound."""
+        with self._passed_lock:
+            self._passed[key] = (subject.prev_id, subject.proof)
+            self._passed.move_to_end(key)
+            if len(self._passed) > MAX_PASSED:
+                self._passed.popitem(last=False)
+
+    def _forget_passes(self, prev_id: Hash, proof: Proof) -> None:
+        """Drop every remembered pass of this proof on this tip, whatever subject carried
+        it: a fraud proof showed its history forged. (The fraud proof's owner_id is the
+        accuser's word; what was checked is this prev_id and proof.)"""
+        with self._passed_lock:
+            for key in [k for k, v in self._passed.items() if v == (prev_id, proof)]:
+                del self._passed[key]
 
     def _get_checkpoints(self, subject: _Subject, leaves: tuple[CheckpointLeaf, ...],
                          intervals: tuple[int, ...]) -> dict[int, Checkpoint]:

@@ -131,6 +131,10 @@ class Methods:
             "target": f"{header.target:064x}",
             "difficulty": compute_difficulty(header.target),
             "chainwork": entry.chain_weight if entry else None,
+            # when this node first had the block, and had checked it (unix seconds; null
+            # for blocks from before the node's last start)
+            "received": self.node.block_times.get(block_id)[0],
+            "accepted": self.node.block_times.get(block_id)[1],
             "txroot": header.tx_root.hex(),
             "proof": self._proof_json(header),
         }

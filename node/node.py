@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import NETWORKS, ChainParams
 from consensus.state import Schedule, compute_schedule
-from consensus.tasks import Task
+from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
 from mining.artifacts import MissingArtifact
-from mining.miner import Job, Solution
+from mining.miner import Job, Reference, Solution
 from mining.trainer import DataCache
 from mining.verifier import DPoDLEngine
 from node.auth import Authenticator, remove_cookie, write_cookie
@@ -61,6 +62,33 @@ class MiningStats:
     error: str | None = None
 
 
+class BlockTimes:
+    """When this node first had each recent block's bytes (`received`: from a peer, RPC or
+    its own miner) and when it had checked and stored it (`accepted`), wall-clock
+    seconds, for getblock and the propagation benchmark. Only the last `capacity`
+    blocks; nothing survives a restart."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._times: OrderedDict[Hash, list[float | None]] = OrderedDict()
+
+    def received(self, block_id: Hash) -> None:
+        if block_id not in self._times:
+            self._times[block_id] = [time.time(), None]
+            if len(self._times) > self.capacity:
+                self._times.popitem(last=False)
+
+    def accepted(self, block_id: Hash) -> None:
+        self.received(block_id)
+        times = self._times[block_id]
+        if times[1] is None:
+            times[1] = time.time()
+
+    def get(self, block_id: Hash) -> tuple[float | None, float | None]:
+        received, accepted = self._times.get(block_id, (None, None))
+        return received, accepted
+
+
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -68,6 +96,7 @@ class Node:
         self.datadir = DataDir(config.datadir)
         self.started = time.time()
         self.stats = MiningStats()
+        self.block_times = BlockTimes()
         self.stopping = asyncio.Event()
         self._chain_thread = ThreadPoolExecutor(1, thread_name_prefix="dpodl-chain")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -178,7 +207,10 @@ class Node:
     async def submit_block(self, block: Block) -> AddResult:
         """Check and add a block; on a new tip, update the mempool and the miner's job.
         Raises ConsensusError, MissingParent or MissingArtifact."""
+        block_id = compute_block_id(block.header)
+        self.block_times.received(block_id)
         result = await self.on_chain_thread(self.store.add_block, block)
+        self.block_times.accepted(block_id)
         if result.status == "connected":
             await self._new_tip(result)
         return result
@@ -237,9 +269,35 @@ class Node:
         """A job on the tip (on the chain thread: the store's lock may be held long)."""
         assert self.key is not None
         t2 = self.store.next_context().expected_target
-        # Reference models (§7) are not chosen yet: every job trains from HtoA's init.
-        return Job(self.params, self.store.tip_id, self.active_task(), t2,
-                   compute_mtx_target(self.params, t2), self.key.pubkey)
+        task = self.active_task()
+        return Job(self.params, self.store.tip_id, task, t2, compute_mtx_target(self.params, t2),
+                   self.key.pubkey, self._pick_reference(task))
+
+    def _pick_reference(self, task: Task) -> Reference | None:
+        """The model to train from (§7): the most accurate one of the active task that a
+        block on the tip may reference (a block's or an included mtx's, registered
+        within l_ref blocks), the newest on a tie; None (HtoA's init) when there is none
+        or its file is not here. Our choice: accuracy decides, since a reference at or
+        above the block threshold makes every checkpoint of the draw a lottery ticket."""
+        task_id, tip = compute_task_id(task), self.store.height
+        best: tuple[tuple[int, int], Hash] | None = None
+        for height in range(tip, max(0, tip - task.l_ref - 1), -1):
+            block_id = self.store.main_chain_id(height)
+            block = self.store.get_block(block_id) if block_id else None
+            if block is None:
+                break
+            for proof in (block.header.proof,
+                          *(tx.proof for tx in block.txs if isinstance(tx, ModelTx))):
+                rank = (proof.n_correct, height)
+                if proof.task_id == task_id and (best is None or rank > best[0]):
+                    best = rank, proof.model_id
+        if best is None:
+            return None
+        record = self.store.get_state(("model", best[1]))
+        blob = self.artifacts.get_model(best[1])
+        if record is None or blob is None:
+            return None
+        return Reference(best[1], blob, record.total_steps)
 
     async def _renew_job(self) -> None:
         if self.miner is None:

@@ -29,7 +29,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from consensus.blocks import Block, compute_block_id
@@ -114,7 +114,6 @@ class NetStats:
     txs_in: int = 0
     fraud_proofs: int = 0
     bans: int = 0
-    first_seen: dict[Hash, float] = field(default_factory=dict)  # block id → when it came
 
 
 class Network:
@@ -291,6 +290,8 @@ class Network:
         if peer.listen_addr is not None:
             self.book.add(peer.listen_addr)
             self.book.connected(peer.listen_addr)
+            host, port = peer.listen_addr  # a node that takes connections: pass it on
+            self._relay_addrs([NetAddress(host.encode(), port, int(time.time()))], peer)
         if not peer.inbound:
             peer.send(GetAddr())
         self._ask_headers(peer)
@@ -404,9 +405,13 @@ class Network:
             if self.book.add(addr, seen=min(float(item.seen), now)) and now - item.seen < 600:
                 fresh.append(item)
         if fresh and len(msg.addrs) <= 10:  # pass a small announcement on
-            others = [p for p in self.peers.values() if p is not peer]
-            for other in random.sample(others, min(2, len(others))):
-                other.send(Addr(tuple(fresh)))
+            self._relay_addrs(fresh, peer)
+
+    def _relay_addrs(self, addrs: list[NetAddress], source: Peer) -> None:
+        """Send a few fresh addresses to two random peers other than `source`."""
+        others = [p for p in self.peers.values() if p is not source]
+        for other in random.sample(others, min(2, len(others))):
+            other.send(Addr(tuple(addrs)))
 
     def _on_inv(self, peer: Peer, msg: Inv) -> None:
         if not peer.inv_limit.take(len(msg.items)):
@@ -476,8 +481,7 @@ class Network:
     def _on_block(self, peer: Peer, block: Block) -> None:
         if not self.sync.on_block(peer, block):
             raise ProtocolError("unrequested-data", "a block not asked for")
-        block_id = compute_block_id(block.header)
-        self.stats.first_seen.setdefault(block_id, time.time())
+        self.node.block_times.received(compute_block_id(block.header))
         self.stats.blocks_in += 1
         self._note_sources(block, peer)
         self._spawn(self._prefetch(block, peer))

@@ -42,12 +42,13 @@ class NodeProcess:
     """A `dpodl node` child process with its own HOME (so the default data directory,
     ~/.dpodl/dev, is the test's) and its own RPC port."""
 
-    def __init__(self, home: Path, *args: str) -> None:
+    def __init__(self, home: Path, *args: str, network: str = "dev") -> None:
         self.home = home
-        self.datadir = home / ".dpodl" / "dev"
+        self.datadir = home / ".dpodl" / network
         self.port, self.p2p_port = free_port(), free_port()
         self.env = {**os.environ, "HOME": str(home), "DPODL_RPC_PORT": str(self.port),
-                    "DPODL_P2P_PORT": str(self.p2p_port), "DPODL_P2P_BIND": "127.0.0.1"}
+                    "DPODL_P2P_PORT": str(self.p2p_port), "DPODL_P2P_BIND": "127.0.0.1",
+                    "DPODL_NETWORK": network}
         self.proc = subprocess.Popen([DPODL, "node", *args], env=self.env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -1202,9 +1202,10 @@ def test_missing_artifacts_are_asked_for_in_two_rounds(monkeypatch, cache, hones
     assert all(artifacts.get_checkpoint(root, i) is None for i in deleted - audited)
 
 
-def test_a_retry_audits_the_private_intervals_of_the_first_attempt(cache, honest):
+def test_a_retry_audits_the_private_intervals_of_the_first_attempt(monkeypatch, cache, honest):
     """The rng would pick other intervals on every call; the retries of one block still
     ask for the same checkpoints, and a verdict frees the choice."""
+    monkeypatch.setattr("mining.verifier.MAX_PASSED", 0)  # so that a pass is verified again
     artifacts = publish(honest)
     root = honest.proof.ckpt_root
     for i in range(J + 1):
@@ -1269,3 +1270,119 @@ def test_no_validation_pass_while_audited_checkpoints_are_missing(monkeypatch, c
     publish(honest, artifacts=artifacts)
     assert eng.validate_block_seal(EASY, header_of(honest), TASK) is None
     assert recount.calls == 1
+
+
+# ---------------------------------------------------------------------------------------
+# A proof that passed is remembered; nothing else is
+
+
+def as_mtx(solution: Solution) -> ModelTx:
+    """The forger's solution published as a model transaction on EASY's genesis."""
+    return sign_tx(ModelTx(GENESIS_ID, solution.proof, 0), FORGER)  # type: ignore[return-value]
+
+
+def test_a_block_that_passed_passes_again_without_fetching_or_replaying(monkeypatch, cache,
+                                                                         honest):
+    """Every artifact deleted after the first pass: the second answer is the remembered
+    one (no MissingArtifact, no validation pass, no replay); another engine, which has
+    remembered nothing, asks for the artifacts."""
+    artifacts = publish(honest, artifacts=RecordingArtifacts())
+    recount = CountingRecount(monkeypatch)
+    eng = DPoDLEngine(artifacts, cache, q_local=ALL, rng=random.Random(0))
+    header = header_of(honest)
+    assert eng.validate_block_seal(EASY, header, TASK) is None
+    assert recount.calls == 1 and artifacts.fetched
+    artifacts.models.clear()
+    artifacts.histories.clear()
+    artifacts.checkpoints.clear()
+    artifacts.fetched.clear()
+    monkeypatch.setattr(DPoDLEngine, "_audit", lambda *args: pytest.fail("replayed"))
+    for _ in range(2):
+        assert eng.validate_block_seal(EASY, header, TASK) is None
+    assert recount.calls == 1 and not artifacts.fetched
+    with pytest.raises(MissingArtifact):
+        DPoDLEngine(artifacts, cache, q_local=ALL).validate_block_seal(EASY, header, TASK)
+
+
+def test_a_pass_is_remembered_for_its_target_only(monkeypatch, cache, honest):
+    """An mtx is checked against the target of the block that includes it: a pass at one
+    target says nothing about another, which gets the engine's own verdict."""
+    tx = as_mtx(honest)
+    h2 = compute_posthash(compute_prehash(GENESIS_ID, honest.proof), honest.proof.steps,
+                          honest.proof.n_correct)
+    met = int.from_bytes(h2, "big")  # the hardest target the proof meets
+    recount = CountingRecount(monkeypatch)
+    eng = engine(cache, honest)
+    for target, calls in ((MAX_TARGET, 1), (MAX_TARGET, 1), (met, 2), (MAX_TARGET, 2),
+                          (met, 2)):
+        assert eng.validate_mtx_seal(EASY, tx, TASK, target) is None
+        assert recount.calls == calls, target
+    with pytest.raises(ConsensusError) as exc:  # the same tx, below what its proof meets
+        eng.validate_mtx_seal(EASY, tx, TASK, met - 1)
+    assert exc.value.reason == "bad-posthash"
+    assert eng.validate_block_seal(EASY, header_of(honest), TASK) is None  # another subject
+    assert recount.calls == 3
+
+
+def test_a_rejection_is_not_remembered(monkeypatch, cache, data, run):
+    """A forgery rejected in the last of its checks, the public replay of its last
+    interval, is rejected again in full the second time."""
+    solution = forge(run, [*run.states[:J], fabricate(run, J - 1, "extrapolated", data)],
+                     data)
+    recount = CountingRecount(monkeypatch)
+    eng = engine(cache, solution)
+    for calls in (1, 2):
+        with pytest.raises(ConsensusError) as exc:
+            eng.validate_block_seal(EASY, header_of(solution), TASK)
+        assert exc.value.reason == "bad-replay" and not isinstance(exc.value, FraudFound)
+        assert recount.calls == calls
+
+
+@pytest.mark.parametrize("what", ["history", f"checkpoint-{J}"])
+def test_missing_artifacts_are_not_remembered(monkeypatch, cache, honest, what):
+    artifacts = publish(honest)
+    need = _drop(artifacts, honest, what)
+    recount = CountingRecount(monkeypatch)
+    eng = DPoDLEngine(artifacts, cache, q_local=0)
+    for _ in range(2):
+        with pytest.raises(MissingArtifact) as exc:
+            eng.validate_block_seal(EASY, header_of(honest), TASK)
+        assert exc.value.needs == (need,)
+    assert recount.calls == 0
+    publish(honest, artifacts=artifacts)
+    assert eng.validate_block_seal(EASY, header_of(honest), TASK) is None
+    assert recount.calls == 1
+
+
+def test_passes_remembered_are_bounded(monkeypatch, cache, honest):
+    """Past MAX_PASSED, the least recently asked about is dropped, not the oldest."""
+    monkeypatch.setattr("mining.verifier.MAX_PASSED", 2)
+    tx = as_mtx(honest)
+    a, b, c = MAX_TARGET, MAX_TARGET - 1, MAX_TARGET - 2  # three keys, one subject
+    recount = CountingRecount(monkeypatch)
+    eng = engine(cache, honest)
+    for target, calls in ((a, 1), (b, 2), (a, 2), (c, 3), (a, 3), (b, 4), (c, 5)):
+        assert eng.validate_mtx_seal(EASY, tx, TASK, target) is None
+        assert recount.calls == calls, (target, calls)
+
+
+def test_a_fraud_proof_that_holds_forgets_the_passes_of_the_proof(cache, hidden, fraud):
+    """A verifier whose private audits missed the hidden forgery remembers it passing, as
+    a block and as a model transaction with the same proof; a fraud proof that does not
+    hold changes nothing, one that holds is checked on its merits (not answered from the
+    memory) and makes both be verified again."""
+    eng = engine(cache, hidden.solution, q_local=0)
+    tx = as_mtx(hidden.solution)
+    assert eng.validate_block_seal(EASY, hidden.header, TASK) is None
+    assert eng.validate_mtx_seal(EASY, tx, TASK, MAX_TARGET) is None
+    eng.q_local = ALL  # from now on a verification that runs catches the forgery
+    assert eng.validate_block_seal(EASY, hidden.header, TASK) is None  # remembered
+    solution, prev_id = hidden.solution, hidden.prev_id
+    honest_interval = FraudProof(fraud.owner_id, solution.checkpoint(0), solution.checkpoint(1))
+    assert eng.check_fraud_proof(EASY, prev_id, solution.proof, TASK, honest_interval) is False
+    assert eng.validate_block_seal(EASY, hidden.header, TASK) is None  # still remembered
+    assert eng.check_fraud_proof(EASY, prev_id, solution.proof, TASK, fraud) is True
+    with pytest.raises(FraudFound):
+        eng.validate_block_seal(EASY, hidden.header, TASK)
+    with pytest.raises(FraudFound):
+        eng.validate_mtx_seal(EASY, tx, TASK, MAX_TARGET)

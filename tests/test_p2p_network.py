@@ -1,0 +1,147 @@
+"""Several real `dpodl node` processes talking P2P over TCP on 127.0.0.1.
+
+Each node verifies every block itself (its own private audits, with the checkpoints
+fetched from its peers), so agreeing on a tip means agreeing on a checked chain.
+"""
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from consensus.params import DEV
+from tests.test_node import NodeProcess
+
+SYNC_TIMEOUT = 120.0
+MINE_TIMEOUT = 400.0  # 30 dev blocks take a minute or two on 2 cores
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = SYNC_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except (OSError, AssertionError, ValueError):
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def same_chain(nodes: list[NodeProcess]) -> bool:
+    return len({n.call("getbestblockhash") for n in nodes}) == 1
+
+
+def state_of(node: NodeProcess, miners: list[str]) -> tuple:
+    """What the nodes must agree on: the tip, the height and the miners' accounts."""
+    return (node.call("getbestblockhash"), node.call("getblockcount"),
+            tuple(tuple(sorted(node.call("getaccount", m).items())) for m in miners))
+
+
+def miners_of(node: NodeProcess) -> list[str]:
+    height = node.call("getblockcount")
+    return sorted({node.call("getblock", node.call("getblockhash", h))["proof"]["miner"]
+                   for h in range(1, height + 1)})
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started: list[NodeProcess] = []
+
+    def start(name: str, *args: str, network: str = "dev") -> NodeProcess:
+        node = NodeProcess(tmp_path / name, *args, network=network)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kill()
+
+
+def peer(node: NodeProcess) -> str:
+    return f"--peer=127.0.0.1:{node.p2p_port}"
+
+
+def test_three_nodes_converge_and_a_late_node_syncs_30_blocks(nodes):
+    a = nodes("a", "--mine")
+    b = nodes("b", peer(a))
+    c = nodes("c", peer(b))  # knows only b: finds a through address gossip
+    wait_until(lambda: a.call("getblockcount") >= 30, "30 blocks", timeout=MINE_TIMEOUT)
+    assert a.call("setgenerate", False) is False
+    wait_until(lambda: same_chain([a, b, c]), "a, b and c on one tip")
+    wait_until(lambda: len(a.call("getpeerinfo")) == 2, "c to find a by gossip")
+    miners = miners_of(a)
+    assert state_of(a, miners) == state_of(b, miners) == state_of(c, miners)
+    assert a.call("getblockcount") >= 30
+
+    # A node started after 30 blocks, peering with c only: c relayed the blocks but holds
+    # only the checkpoints its own audits drew, so d's audits are served through c.
+    d = nodes("d", peer(c))
+    wait_until(lambda: same_chain([a, d]), "d to sync")
+    assert state_of(d, miners) == state_of(a, miners)
+    tip = d.call("getblock", d.call("getbestblockhash"))
+    assert tip["received"] is not None and tip["accepted"] >= tip["received"]
+    info = {p["addr"]: p for p in d.call("getpeerinfo")}
+    assert f"127.0.0.1:{c.p2p_port}" in info and all(not p["inbound"] for p in info.values())
+    assert d.call("getnetworkinfo")["connections"] == len(info)
+
+
+@pytest.mark.parametrize("network", ["dev", "dev-accuracy"])
+def test_two_miners_at_once_resolve_to_one_chain(nodes, network):
+    a = nodes("a", "--mine", network=network)
+    b = nodes("b", "--mine", peer(a), network=network)
+    wait_until(lambda: a.call("getmininginfo")["minedblocks"] >= 2
+               and b.call("getmininginfo")["minedblocks"] >= 2, "both to mine")
+    b.call("setgenerate", False)
+    stopped = b.call("getblockcount")
+    # Equal chains stay apart under the longest-chain rule (each keeps the tip it saw
+    # first) until one grows: a mines on until b has moved to a's chain.
+    wait_until(lambda: a.call("getblockcount") > stopped and same_chain([a, b]), "one chain")
+    a.call("setgenerate", False)
+    wait_until(lambda: same_chain([a, b]), "one chain once a stopped")
+    miners = miners_of(a)
+    assert state_of(a, miners) == state_of(b, miners)
+    active = [t for t in a.call("getchaintips") if t["status"] == "active"]
+    assert active == [t for t in b.call("getchaintips") if t["status"] == "active"]
+
+
+def reference_candidates(node: NodeProcess) -> list[tuple[tuple[int, int], str, str, str]]:
+    """((n_correct, height), model id, kind, maker's address) of every model a block on
+    `node`'s tip may reference, in the order the miner's choice (Node._pick_reference)
+    goes through them: newest block first, its own model before its mtxs'."""
+    tip, out = node.call("getblockcount"), []
+    for height in range(tip, max(0, tip - DEV.genesis_task.l_ref - 1), -1):
+        block = node.call("getblock", node.call("getblockhash", height), 2)
+        proof = block["proof"]
+        out.append(((proof["n_correct"], height), proof["model"], "block", proof["miner"]))
+        out += [((tx["proof"]["n_correct"], height), tx["proof"]["model_id"], "mtx", tx["from"])
+                for tx in block["tx"] if tx["type"] == "ModelTx"]
+    return out
+
+
+def test_a_model_transaction_made_on_one_node_is_referenced_by_a_block_of_another(nodes):
+    a = nodes("a", "--mine")
+    b = nodes("b", peer(a))
+    a.wait_blocks(2)
+    maker = a.call("getblock", a.call("getblockhash", 1))["proof"]["miner"]
+    # a mines until the best model b may reference is one of a's model transactions.
+    for _ in range(40):
+        a.call("setgenerate", False)
+        wait_until(lambda: same_chain([a, b]), "b to follow a")
+        best = max(reference_candidates(b), key=lambda c: c[0])
+        if best[2] == "mtx":
+            break
+        height = a.call("getblockcount")
+        a.call("setgenerate", True)
+        wait_until(lambda h=height: a.call("getblockcount") > h, "a's next block")
+    else:
+        pytest.fail("no model transaction led the reference window in 40 blocks")
+    assert best[3] == maker
+    start = b.call("getblockcount")
+    b.call("setgenerate", True)
+    wait_until(lambda: b.call("getmininginfo")["minedblocks"] >= 1, "b's block")
+    b.call("setgenerate", False)
+    block = b.call("getblock", b.call("getblockhash", start + 1))
+    assert block["proof"]["miner"] != maker  # mined on b
+    assert block["proof"]["reference_model"] == best[1]  # from a's model transaction
+    wait_until(lambda: same_chain([a, b]), "a to take b's block")
