@@ -1,5 +1,6 @@
-"""On an interactive terminal, a status line under the log: the chain's height and, while
-mining, the draw in training with its steps and validation accuracy.
+"""On an interactive terminal, a status line under the log: the chain's height, the
+peers and how far behind their best header we are, and, while mining, the draw in
+training with its steps and validation accuracy.
 
 The line is redrawn in place (carriage return, erase to end of line) every second; a
 log record clears it first, so records and the line never share a row.
@@ -42,6 +43,12 @@ class StatusLine(logging.Filter):
 def describe(node: Node) -> str:
     """One line of what the node is doing."""
     parts = [f"{node.params.name} height {node.store.height}"]
+    network = node.network
+    if network is not None:
+        best = network.sync.best_height()
+        behind = (f", syncing: {best - node.store.height} blocks behind"
+                  if best > node.store.height else "")
+        parts.append(f"{len(network.peers)} peers{behind}")
     stats, progress = node.stats, node.stats.progress
     if node.miner is None:
         parts.append("not mining")

@@ -38,6 +38,7 @@ log = logging.getLogger("dpodl.p2p")
 MAX_ARTIFACT = {"model": MAX_TENSOR_BYTES + 4096, "checkpoint": 2 * MAX_TENSOR_BYTES + 8192,
                 "history": 1 << 20}
 ENCODED_CACHE = 8  # artifacts kept encoded for serving their next chunks
+REQUESTS_PER_PEER = 8  # chunk requests out to one peer at once (it answers up to 16)
 
 Chunk = ModelChunk | CkptChunk
 Punish = Callable[[Peer, str], None]
@@ -73,6 +74,7 @@ class Fetcher:
         self.artifacts, self.timeout, self._punish = artifacts, timeout, punish
         self._waiting: dict[tuple[int, Need, int], asyncio.Future[Chunk]] = {}
         self._downloads: dict[Need, asyncio.Future[None]] = {}
+        self._slots: dict[int, asyncio.Semaphore] = {}  # peer id → its request slots
         self._encoded: OrderedDict[Need, bytes] = OrderedDict()
         self.fetched = 0  # artifacts stored, for getnetworkinfo and tests
 
@@ -123,20 +125,23 @@ class Fetcher:
         too slow, or gone)."""
         parts: list[bytes] = []
         offset, total = 0, None
+        slots = self._slots.setdefault(peer.id, asyncio.Semaphore(REQUESTS_PER_PEER))
         while total is None or offset < total:
             key = (peer.id, need, offset)
-            future = self._waiting[key] = asyncio.get_running_loop().create_future()
-            peer.send(request(need, offset))
-            closed = asyncio.ensure_future(peer.closed.wait())
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await asyncio.wait({future, closed}, return_when=asyncio.FIRST_COMPLETED)
-            except TimeoutError:
-                peer.close(f"stalled: no {need.kind} chunk in {self.timeout:.0f}s")
-                return None
-            finally:
-                closed.cancel()
-                self._waiting.pop(key, None)
+            async with slots:
+                future = self._waiting[key] = asyncio.get_running_loop().create_future()
+                peer.send(request(need, offset))
+                closed = asyncio.ensure_future(peer.closed.wait())
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await asyncio.wait({future, closed},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                except TimeoutError:
+                    peer.close(f"stalled: no {need.kind} chunk in {self.timeout:.0f}s")
+                    return None
+                finally:
+                    closed.cancel()
+                    self._waiting.pop(key, None)
             if not future.done():
                 return None  # the peer went away
             piece = future.result()
@@ -153,6 +158,9 @@ class Fetcher:
             parts.append(piece.data)
             offset += len(piece.data)
         return b"".join(parts)
+
+    def forget_peer(self, peer: Peer) -> None:
+        self._slots.pop(peer.id, None)
 
     def on_chunk(self, peer: Peer, piece: Chunk) -> bool:
         """Hand a chunk to its request; False when nothing asked for it."""

@@ -86,6 +86,7 @@ log = logging.getLogger("dpodl.p2p")
 
 USER_AGENT = b"/dpodl:0.1/"
 TX_REQUESTS_PER_PEER = 100
+SERVING_PER_PEER = 16  # chunk requests of one peer being answered at once (fetch asks 8)
 SOURCES = 4096  # artifact ids whose sources are remembered
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1"})
 
@@ -135,6 +136,7 @@ class Network:
         self._seen_proofs = KnownSet(1_000)
         self._nonces: set[int] = set()
         self._dialling: set[Address] = set()
+        self._handshaking = 0  # inbound connections not yet through their handshake
         self._redial: dict[Address, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._blocks_ready = asyncio.Event()
@@ -213,11 +215,12 @@ class Network:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         host, port = writer.get_extra_info("peername")[:2]
-        inbound = sum(p.inbound for p in self.peers.values())
+        inbound = sum(p.inbound for p in self.peers.values()) + self._handshaking
         if (not self.active or self._closing or self.book.is_banned(host)
                 or inbound >= self.config.max_inbound):
             writer.transport.abort()
             return
+        self._handshaking += 1  # counted against the cap until it is a peer or gone
         await self._run(reader, writer, (host, port), inbound=True)
 
     async def _dial(self, addr: Address) -> None:
@@ -245,6 +248,7 @@ class Network:
                                      timeout=self.config.handshake_timeout,
                                      max_payload=MAX_CONTROL, own_nonces=self._nonces)
         except (FrameError, ConnectionClosed, OSError) as e:
+            self._handshaking -= inbound
             reason = getattr(e, "reason", type(e).__name__)
             log.info("handshake with %s:%d failed: %s", *addr, reason)
             if not inbound:
@@ -256,6 +260,7 @@ class Network:
             writer.transport.abort()
             self._nonces.discard(nonce)
             return
+        self._handshaking -= inbound
         peer = Peer(reader, writer, params=self.params, addr=addr, inbound=inbound,
                     version=theirs, send_queue_bytes=self.config.send_queue_bytes)
         peer.manual = addr in self.manual
@@ -270,6 +275,7 @@ class Network:
             await peer.wait_closed()
             del self.peers[peer.id]
             self.sync.forget_peer(peer)
+            self.fetcher.forget_peer(peer)
             for tx_id in [t for t, p in self._tx_requests.items() if p is peer]:
                 del self._tx_requests[tx_id]
             if peer.listen_addr is not None:
@@ -426,6 +432,7 @@ class Network:
                     self._ask_headers(peer)
             elif item.kind in (INV_TX, INV_MTX):
                 peer.known_txs.add(item.id)
+                # The mempool is the chain thread's; one dict lookup from here is safe.
                 if (item.id in self._tx_requests or item.id in self._rejected_txs
                         or peer.tx_requests >= TX_REQUESTS_PER_PEER
                         or self.node.mempool.get(item.id) is not None):
@@ -498,9 +505,14 @@ class Network:
         self._spawn(self._add_tx(peer, tx_id, msg.tx))
 
     def _on_getartifact(self, peer: Peer, msg: GetModel | GetCkpt) -> None:
+        if peer.serving >= SERVING_PER_PEER:
+            raise ProtocolError("request-flood", f"over {SERVING_PER_PEER} chunk requests "
+                                                 f"at once")
         key = msg.model_id if isinstance(msg, GetModel) else msg.ckpt_root
         sources = [p for p in self._sources.get(key, ()) if p.alive and p is not peer]
-        self._spawn(self.fetcher.serve(peer, msg, sources))
+        peer.serving += 1
+        task = self._spawn(self.fetcher.serve(peer, msg, sources))
+        task.add_done_callback(lambda _: setattr(peer, "serving", peer.serving - 1))
 
     def _on_chunk(self, peer: Peer, msg: ModelChunk | CkptChunk) -> None:
         if not self.fetcher.on_chunk(peer, msg):

@@ -94,6 +94,7 @@ class Peer:
         self.inv_limit = RateLimit(rate=1000.0, burst=5000.0)  # inv items
         self.addr_limit = RateLimit(rate=0.1, burst=1000.0)  # addresses (Bitcoin Core's)
         self.tx_requests = 0  # transactions asked of it and not yet answered
+        self.serving = 0  # its chunk requests being answered
         self._writer_task = asyncio.ensure_future(self._drain())
         # Set when the writer is done, even if it was cancelled before it ever ran.
         self._writer_task.add_done_callback(lambda _: self.closed.set())

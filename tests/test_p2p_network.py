@@ -81,8 +81,10 @@ def test_three_nodes_converge_and_a_late_node_syncs_30_blocks(nodes):
     assert state_of(d, miners) == state_of(a, miners)
     tip = d.call("getblock", d.call("getbestblockhash"))
     assert tip["received"] is not None and tip["accepted"] >= tip["received"]
+    seed = f"127.0.0.1:{c.p2p_port}"
+    wait_until(lambda: seed in [p["addr"] for p in d.call("getpeerinfo")], "d's link to c")
     info = {p["addr"]: p for p in d.call("getpeerinfo")}
-    assert f"127.0.0.1:{c.p2p_port}" in info and all(not p["inbound"] for p in info.values())
+    assert info[seed]["manual"] and not info[seed]["inbound"]
     assert d.call("getnetworkinfo")["connections"] == len(info)
 
 
