@@ -96,6 +96,9 @@ class Fetcher:
         await asyncio.gather(*(self._fetch_one(need, peers) for need in needs))
 
     async def _fetch_one(self, need: Need, peers: Sequence[Peer]) -> None:
+        if need.kind == "checkpoint" and not self.have(Need("history", need.key)):
+            # A checkpoint is checked against its history's leaves: that comes first.
+            await self._fetch_one(Need("history", need.key), peers)
         download = self._downloads.get(need)
         if download is None:
             download = asyncio.ensure_future(self._download(need, list(peers)))

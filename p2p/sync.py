@@ -266,3 +266,9 @@ class BlockSync:
             del self.in_flight[block_id]
         for holders in self.holders.values():
             holders.discard(peer.id)
+        # Headers nobody else has sent would hold the tree until a restart: drop them
+        # with what builds on them; the catch-up asks the remaining peers again.
+        for block_id in [i for i, h in self.holders.items() if not h and i not in self.adding
+                         and i not in self.arrived]:
+            if block_id in self.headers:
+                self.drop(block_id)

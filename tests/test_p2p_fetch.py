@@ -27,7 +27,7 @@ from mining.artifacts import Need
 from mining.miner import Job, Solution, mine
 from mining.trainer import DeviceData
 from p2p import fetch as fetch_module
-from p2p.fetch import MAX_ARTIFACT, Chunk, Fetcher, FetchFailed, chunk
+from p2p.fetch import MAX_ARTIFACT, REQUESTS_PER_PEER, Chunk, Fetcher, FetchFailed, chunk
 from p2p.framing import ConnectionClosed, FrameError
 from p2p.messages import HISTORY, CkptChunk, GetCkpt, GetModel, ModelChunk
 from p2p.peer import Peer
@@ -439,12 +439,35 @@ async def test_peer_that_leaves_mid_fetch_is_not_waited_for(net: Net,
     assert not c.punished
 
 
-# --- known bugs -------------------------------------------------------------------------
+async def test_requests_to_one_peer_are_bounded(net: Net) -> None:
+    s, c = net.node("s"), net.node("c")
+    s.answer = lambda r: None  # the test answers for s
+    cs, _ = await net.link(c, s)
+    needs = [Need("model", tagged_hash("model", i)) for i in range(REQUESTS_PER_PEER + 4)]
+    fetching = asyncio.ensure_future(c.fetch(needs, [cs]))
 
-@pytest.mark.xfail(strict=True, reason=(
-    "p2p/fetch.py Fetcher._download: a checkpoint fetched while its history is not stored "
-    "here fails ArtifactStore.add_checkpoint (ValueError: no leaves to check it against) "
-    "and the peer that served the correct bytes is punished 'bad-artifact'"))
+    async def settle(n: int) -> None:
+        for _ in range(200):
+            if len(s.asked) >= n:
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # time for any request beyond the bound to show up
+        assert len(s.asked) == n
+
+    await settle(REQUESTS_PER_PEER)
+    first = s.asked[0]
+    assert isinstance(first, GetModel)
+    assert c.fetcher.on_chunk(cs, ModelChunk(first.model_id, 0, 0, b""))  # "not here"
+    await settle(REQUESTS_PER_PEER + 1)  # an answered request frees its slot
+    assert len({r.model_id for r in s.asked}) == len(s.asked)  # distinct artifacts
+    cs.close("done")  # the rest end with the peer
+    with pytest.raises(FetchFailed):
+        await fetching
+    assert not c.punished
+
+
+# --- found in review: a peer that served a checkpoint early was punished ------------------
+
 async def test_checkpoint_fetched_before_its_history_does_not_punish_the_server(
         net: Net, solution: Solution) -> None:
     a, c = net.node("a", has=solution), net.node("c")
