@@ -2,10 +2,10 @@
 of them at once (PROTOCOL.md §11; Bitcoin Core's design since 0.10).
 
 A node asks a peer for the headers after its block locator (`getheaders`). Headers are
-cheap to check without their blocks: links, heights, the miner's signature and the two
-lottery hashes (h1 ≤ t1, h2 ≤ the header's target), so a peer cannot make us fetch
-blocks for headers nobody did work for. Checked headers wait in a bounded tree; their
-blocks are requested from the peers that sent them, lowest first, at most
+cheap to check without their blocks: links, heights, the retarget rule, the miner's
+signature and the two lottery hashes (h1 ≤ t1, h2 ≤ the header's target), so a peer
+cannot make us fetch blocks for headers nobody did work for. Checked headers wait in a
+bounded tree; their blocks are requested from the peers that sent them, lowest first, at most
 `per_peer` in flight per peer and `window` blocks ahead of our tip. A request
 unanswered for `stall_timeout` marks its peer a staller, which the network
 disconnects; its requests go to the others. Blocks arrive in any order and are handed
@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from consensus.blocks import Block, BlockHeader, compute_block_id, validate_header_signature
+from consensus.difficulty import compute_next_target
 from consensus.encoding import Hash
 from consensus.errors import ConsensusError
 from consensus.params import ChainParams
@@ -137,6 +138,8 @@ class BlockSync:
                 raise ConsensusError("bad-height", f"height {header.height} on {parent.height}")
             if header.prev_id in self.invalid or self._stored_invalid(header.prev_id):
                 raise ConsensusError("bad-prevblk", "the parent is invalid")
+            if header.target != self._expected_target(header.height, parent):
+                raise ConsensusError("bad-diffbits", "t2 does not follow the retarget rule")
             peer.known_blocks.add(block_id)
             peer.best_height = max(peer.best_height, header.height)
             parent = header
@@ -150,6 +153,18 @@ class BlockSync:
                 new = True
             self.holders.setdefault(block_id, set()).add(peer.id)
         return len(headers) == MAX_HEADERS and new
+
+    def _expected_target(self, height: int, parent: BlockHeader) -> int:
+        """t2 of the block at `height` on `parent`, from the headers below it (stored or
+        waiting): so a peer cannot make cheap headers by naming an easy target."""
+        start = parent
+        if height % self.params.retarget_interval == 0:
+            while start.height > height - self.params.retarget_interval:
+                below = self._header(start.prev_id)
+                assert below is not None  # every header here links down to genesis
+                start = below
+        return compute_next_target(self.params, height, parent.target, start.timestamp,
+                                   parent.timestamp)
 
     def _header(self, block_id: Hash) -> BlockHeader | None:
         return self.headers.get(block_id) or self.store.get_header(block_id)

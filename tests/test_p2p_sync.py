@@ -17,6 +17,7 @@ from consensus.encoding import Hash, tagged_hash
 from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import DEV, MAX_TARGET, ChainParams
+from consensus.proofs import compute_posthash, compute_prehash
 from consensus.seal import NoProofEngine
 from p2p import sync as sync_module
 from p2p.messages import MAX_LOCATOR, ProtocolError
@@ -554,3 +555,24 @@ def test_headers_of_a_departed_peer_do_not_hold_the_tree_full(
     assert sync.requests([friend], now=0.0) == {}  # type: ignore[list-item]  # nobody has them
     answered(sync, friend, headers(honest))
     assert set(ids(honest)) <= set(sync.headers)
+
+
+@pytest.mark.parametrize("at_retarget", [False, True])
+def test_header_with_a_target_off_the_retarget_rule_is_invalid(
+        store: ChainStore, builder: ChainBuilder, at_retarget: bool) -> None:
+    """A peer cannot name a target of its own: t2 is the parent's between retargets and
+    the retarget rule's at one, worked out from the headers below (stored or waiting)."""
+    n = SYNC.retarget_interval - 1 if at_retarget else 3
+    blocks = builder.chain(builder.genesis_id, n)
+    sync = BlockSync(SYNC, store)
+    assert answered(sync, FakePeer(1), headers(blocks)) is False
+    child = builder.extend(bid(blocks[-1])).header
+    assert (child.height % SYNC.retarget_interval == 0) is at_retarget
+    h1 = compute_prehash(child.prev_id, child.proof)
+    h2 = int.from_bytes(compute_posthash(h1, child.proof.steps, child.proof.n_correct), "big")
+    other = sign_header(replace(child, target=h2), MINER)  # as easy as its own h2 allows
+    assert other.target != child.target
+    check_header_work(SYNC, other)  # the lottery hashes pass: only t2 is off
+    assert consensus_reason(sync, FakePeer(1), (other,)) == "bad-diffbits"
+    answered(sync, FakePeer(1), (child,))  # the rule's own target is kept
+    assert compute_block_id(child) in sync.headers
