@@ -147,6 +147,12 @@ class Mempool:
         for key, _, after in scratch.diff().changes:
             self._overlay.set(key, after)
 
+    def remove(self, tx_id: Hash) -> None:
+        """Drop a transaction (a model transaction a fraud proof convicted) and whatever
+        no longer applies without it."""
+        if tx_id in self._txs:
+            self._revalidate([(i, e) for i, e in self._txs.items() if i != tx_id])
+
     # -- following the chain ---------------------------------------------------------
 
     def update_for_tip(self, result: AddResult) -> None:

@@ -27,6 +27,7 @@ from consensus.encoding import Hash
 from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import NETWORKS, ChainParams
+from consensus.proofs import Proof
 from consensus.state import Schedule, compute_schedule
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
@@ -44,10 +45,12 @@ from p2p.network import NetConfig, Network
 from storage.artifacts import ArtifactStore
 from storage.chain import AddResult, ChainStore, MissingParent, TipState
 from storage.db import Database
+from storage.schema import STATUS_INVALID
 
 log = logging.getLogger("dpodl.node")
 
 T = TypeVar("T")
+MTX_SEARCH = 100  # main-chain blocks searched for a model transaction a fraud proof names
 
 
 @dataclass(slots=True)
@@ -229,16 +232,41 @@ class Node:
             await self._new_tip(result)
         return result
 
-    async def check_fraud_proof(self, fraud: FraudProof) -> bool:
-        """True when `fraud` proves the stored block it names was forged."""
-        def check() -> bool:
-            block = self.store.get_block(fraud.owner_id)
-            task = block and self.store.get_task(block.header.proof.task_id)
-            if block is None or task is None:
-                return False
-            return self.engine.check_fraud_proof(self.params, block.header.prev_id,
-                                                 block.header.proof, task, fraud)
-        return await self.on_chain_thread(check)
+    async def apply_fraud_proof(self, fraud: FraudProof) -> bool | None:
+        """Check a fraud proof (§8.8) against the block or model transaction it names and,
+        if it holds, drop what it convicts: the block and its descendants, the block that
+        included the mtx, or the mtx from the pool. None when the accused is not here."""
+        found = await self.on_chain_thread(self._find_accused, fraud.owner_id)
+        if found is None:
+            return None
+        prev_id, proof, block_id = found
+        task = self.store.get_task(proof.task_id)
+        holds = task is not None and await self.on_chain_thread(
+            self.engine.check_fraud_proof, self.params, prev_id, proof, task, fraud)
+        if holds:
+            await self.on_chain_thread(self.mempool.remove, fraud.owner_id)
+            if block_id is not None:
+                entry = self.store.get_entry(block_id)
+                if entry is not None and entry.status < STATUS_INVALID:
+                    await self.invalidate_block(block_id)
+        return holds
+
+    def _find_accused(self, owner_id: Hash) -> tuple[Hash, Proof, Hash | None] | None:
+        """(prev_id, proof, the block to drop) of a block, or of a model transaction in
+        the pool or in the main chain's last MTX_SEARCH blocks."""
+        block = self.store.get_block(owner_id)
+        if block is not None:
+            return block.header.prev_id, block.header.proof, owner_id
+        tx = self.mempool.get(owner_id)
+        if isinstance(tx, ModelTx):
+            return tx.prev_id, tx.proof, None
+        for height in range(self.store.height, max(0, self.store.height - MTX_SEARCH), -1):
+            block_id = self.store.main_chain_id(height)
+            block = self.store.get_block(block_id) if block_id else None
+            for tx in block.txs if block else ():
+                if isinstance(tx, ModelTx) and compute_tx_id(tx) == owner_id:
+                    return tx.prev_id, tx.proof, block_id
+        return None
 
     async def submit_transaction(self, tx: Transaction) -> Hash:
         """Add a transaction to the mempool (ConsensusError says why not)."""

@@ -77,7 +77,6 @@ from p2p.peer import KnownSet, Peer
 from p2p.sync import BlockSync, build_locator, headers_after
 from storage import schema
 from storage.chain import MissingParent
-from storage.schema import STATUS_INVALID
 
 if TYPE_CHECKING:
     from node.node import Node
@@ -668,18 +667,17 @@ class Network:
             peer.send(proof)
 
     async def _check_fraud(self, peer: Peer, proof: FraudProof) -> None:
-        """Check a fraud proof against the block it accuses; if it holds, drop the block
-        and its descendants and pass the proof on; if not, the accuser misbehaved."""
-        entry = self.store.get_entry(proof.owner_id)
-        if entry is None or entry.status >= STATUS_INVALID:
-            return  # not a block we hold as valid (an mtx, one we never took, or dropped)
-        holds = await self.node.check_fraud_proof(proof)
+        """Check a fraud proof against what it accuses; if it holds, the node drops the
+        convicted and we pass the proof on; if not, the accuser misbehaved."""
+        holds = await self.node.apply_fraud_proof(proof)
+        if holds is None:
+            return  # nothing of ours: a block we never took, or an mtx we never saw
         if not holds:
             self.punish(peer, "bad-fraud-proof")
             return
-        log.warning("fraud proof from %r holds: dropping block %s", peer, proof.owner_id.hex())
+        log.warning("fraud proof from %r holds: dropped %s", peer, proof.owner_id.hex())
         self.sync.reject(proof.owner_id)
-        await self.node.invalidate_block(proof.owner_id)
+        self._rejected_txs.add(proof.owner_id)
         self.broadcast(proof)
 
 
