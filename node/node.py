@@ -186,7 +186,7 @@ class Node:
             await self._runner.cleanup()
             self._runner = None
         remove_cookie(self.datadir.path)
-        self._chain_thread.shutdown(wait=True)
+        self._chain_thread.shutdown(wait=True, cancel_futures=True)
         if self.db is not None:
             self.store.close()
             self.db = None

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from consensus.blocks import Block, compute_block_id
 from consensus.checkpoints import FraudProof
-from consensus.encoding import ZERO_HASH, Hash
+from consensus.encoding import ZERO_HASH, Hash, encode
 from consensus.errors import ConsensusError
 from consensus.proofs import Proof
 from consensus.transactions import ModelTx, Transaction, compute_tx_id
@@ -85,9 +85,15 @@ log = logging.getLogger("dpodl.p2p")
 
 USER_AGENT = b"/dpodl:0.1/"
 TX_REQUESTS_PER_PEER = 100
+TX_REQUEST_TIMEOUT = 60.0  # seconds a peer has to answer a getdata for a transaction
 SERVING_PER_PEER = 16  # chunk requests of one peer being answered at once (fetch asks 8)
 SOURCES = 4096  # artifact ids whose sources are remembered
 LOCAL_HOSTS = frozenset({"127.0.0.1", "::1"})
+# Failures of a block's or transaction's bytes that its id does not commit to (ids leave
+# the signatures out, §1) or of our clock: another copy of the same id may be fine.
+NOT_COMMITTED = frozenset({"bad-blk-sig", "bad-txn-sig", "bad-txnmrklroot", "bad-blk-length",
+                           "bad-txns-duplicate", "time-too-new"})
+PARKED_PROOFS = 64  # fraud proofs about blocks or mtxs not here yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +136,10 @@ class Network:
         self.stats = NetStats()
         self.active = True  # setnetworkactive
         self._sources: OrderedDict[Hash, list[Peer]] = OrderedDict()
-        self._tx_requests: dict[Hash, Peer] = {}
+        self._tx_requests: dict[Hash, tuple[Peer, float]] = {}
         self._rejected_txs = KnownSet(10_000)
         self._seen_proofs = KnownSet(1_000)
+        self._parked: OrderedDict[Hash, tuple[FraudProof, Peer]] = OrderedDict()
         self._nonces: set[int] = set()
         self._dialling: set[Address] = set()
         self._handshaking = 0  # inbound connections not yet through their handshake
@@ -275,7 +282,7 @@ class Network:
             del self.peers[peer.id]
             self.sync.forget_peer(peer)
             self.fetcher.forget_peer(peer)
-            for tx_id in [t for t, p in self._tx_requests.items() if p is peer]:
+            for tx_id in [t for t, (p, _) in self._tx_requests.items() if p is peer]:
                 del self._tx_requests[tx_id]
             if peer.listen_addr is not None:
                 self.book.disconnected(peer.listen_addr)
@@ -338,26 +345,36 @@ class Network:
     async def _maintain(self) -> None:
         """Dial, ping, and drop stallers, every tick."""
         while True:
-            now = time.monotonic()
-            if self.active:
-                self._dial_more(now)
-            for peer in list(self.peers.values()):
-                if peer.ping_nonce is None and now - peer.ping_sent > self.config.ping_interval:
-                    peer.ping_nonce = random.getrandbits(64)
-                    peer.ping_sent = now
-                    peer.send(Ping(peer.ping_nonce))
-                elif (peer.ping_nonce is not None
-                      and now - peer.ping_sent > self.config.idle_timeout):
-                    peer.close("ping-timeout")
-            for peer in self.sync.stallers(now) + self.sync.late_headers(self.peers, now):
-                log.info("%r stalled", peer)
-                peer.close("stalled")
-            best = self.sync.best_height()
-            for peer in list(self.peers.values()):
-                if peer.best_height > best:  # it has more than we know of: catch up
-                    self._ask_headers(peer)
-            self._request_blocks()
+            try:
+                self._tick()
+            except Exception:  # a bug: say so, and keep the node's connections looked after
+                log.exception("P2P maintenance failed")
             await asyncio.sleep(self.config.tick)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.active:
+            self._dial_more(now)
+        for peer in list(self.peers.values()):
+            if peer.ping_nonce is None and now - peer.ping_sent > self.config.ping_interval:
+                peer.ping_nonce = random.getrandbits(64)
+                peer.ping_sent = now
+                peer.send(Ping(peer.ping_nonce))
+            elif (peer.ping_nonce is not None
+                  and now - peer.ping_sent > self.config.idle_timeout):
+                peer.close("ping-timeout")
+        for peer in self.sync.stallers(now) + self.sync.late_headers(self.peers, now):
+            log.info("%r stalled", peer)
+            peer.close("stalled")
+        best = self.sync.best_height()
+        for peer in list(self.peers.values()):
+            if peer.best_height > best:  # it has more than we know of: catch up
+                self._ask_headers(peer)
+        for tx_id, (requested, when) in list(self._tx_requests.items()):
+            if now - when > TX_REQUEST_TIMEOUT:  # unanswered: let another announcer try
+                del self._tx_requests[tx_id]
+                requested.tx_requests -= 1
+        self._request_blocks()
 
     def _dial_more(self, now: float) -> None:
         connected = {p.listen_addr for p in self.peers.values() if p.listen_addr}
@@ -436,7 +453,7 @@ class Network:
                         or peer.tx_requests >= TX_REQUESTS_PER_PEER
                         or self.node.mempool.get(item.id) is not None):
                     continue
-                self._tx_requests[item.id] = peer
+                self._tx_requests[item.id] = peer, time.monotonic()
                 peer.tx_requests += 1
                 wanted.append(item)
         if wanted:
@@ -466,7 +483,7 @@ class Network:
         for item in msg.items:
             if item.kind == INV_BLOCK:
                 self.sync.not_found(peer, item.id)
-            elif self._tx_requests.get(item.id) is peer:
+            elif self._tx_requests.get(item.id, (None,))[0] is peer:
                 del self._tx_requests[item.id]
                 peer.tx_requests -= 1
 
@@ -486,6 +503,8 @@ class Network:
 
     def _on_block(self, peer: Peer, block: Block) -> None:
         if not self.sync.on_block(peer, block):
+            if compute_block_id(block.header) in self.sync.cancelled:
+                return  # we asked, then dropped the request: a late answer
             raise ProtocolError("unrequested-data", "a block not asked for")
         self.node.block_times.received(compute_block_id(block.header))
         self.stats.blocks_in += 1
@@ -496,7 +515,7 @@ class Network:
 
     def _on_tx(self, peer: Peer, msg: Tx) -> None:
         tx_id = compute_tx_id(msg.tx)
-        if self._tx_requests.get(tx_id) is not peer:
+        if self._tx_requests.get(tx_id, (None,))[0] is not peer:
             raise ProtocolError("unrequested-data", "a transaction not asked for")
         del self._tx_requests[tx_id]
         peer.tx_requests -= 1
@@ -518,10 +537,15 @@ class Network:
             raise ProtocolError("unrequested-data", "an artifact chunk not asked for")
 
     def _on_fraud_proof(self, peer: Peer, msg: FraudProof) -> None:
-        key = (msg.owner_id, msg.start.leaf.index)
-        if key not in self._seen_proofs:
-            self._seen_proofs.add(key)
-            self._spawn(self._check_fraud(peer, msg))
+        key = _proof_key(msg)
+        if key in self._seen_proofs:
+            return
+        if peer.checking_fraud:
+            raise ProtocolError("fraud-proof-flood", "a second proof before the first is checked")
+        self._seen_proofs.add(key)
+        peer.checking_fraud = True
+        task = self._spawn(self._check_fraud(peer, msg))
+        task.add_done_callback(lambda _: setattr(peer, "checking_fraud", False))
 
     _handlers: dict[type, Any] = {
         Ping: _on_ping, Pong: _on_pong, GetAddr: _on_getaddr, Addr: _on_addr, Inv: _on_inv,
@@ -557,10 +581,16 @@ class Network:
         if len(self._sources) > SOURCES:
             self._sources.popitem(last=False)
 
-    def _sources_of(self, needs: Iterable[Any], first: Peer) -> list[Peer]:
+    def _sources_of(self, needs: Iterable[Any], first: Peer,
+                    block_id: Hash | None = None) -> list[Peer]:
+        """Who to ask for `needs`: the peer the block or mtx came from, then the others
+        that gave us those artifacts' ids, then those that sent the block's header."""
         peers = [first]
         for need in needs:
             peers += [p for p in self._sources.get(need.key, ()) if p not in peers]
+        if block_id is not None:
+            peers += [p for i in self.sync.holders.get(block_id, ())
+                      if (p := self.peers.get(i)) is not None and p not in peers]
         return [p for p in peers if p.alive]
 
     async def _add_blocks(self) -> None:
@@ -585,24 +615,33 @@ class Network:
             except MissingArtifact as missing:
                 log.debug("block %s: %s", block_id.hex()[:12], missing)
                 try:
-                    await self.fetcher.fetch(missing.needs, self._sources_of(missing.needs, peer))
+                    await self.fetcher.fetch(missing.needs,
+                                             self._sources_of(missing.needs, peer, block_id))
                 except FetchFailed as e:
                     log.info("block %s from %r not checked: %s", block_id.hex(), peer, e)
                     break
                 continue
             except FraudFound as fraud:
                 log.warning("block %s: %s; sending the fraud proof", block_id.hex(), fraud)
-                self.sync.reject(block_id)
-                self._seen_proofs.add((block_id, fraud.proof.start.leaf.index))
+                self.sync.reject(block_id, convicted=True)
+                self._seen_proofs.add(_proof_key(fraud.proof))
                 self.broadcast(fraud.proof)
             except ConsensusError as e:
                 log.info("block %s from %r refused: %s", block_id.hex(), peer, e)
-                self.sync.reject(block_id)
+                if e.reason in NOT_COMMITTED:  # this copy is bad, not the block: ask again
+                    self.sync.drop(block_id)
+                else:
+                    self.sync.reject(block_id)
                 self.punish(peer, f"invalid-block: {e.reason}")
             except MissingParent:
                 log.info("block %s from %r: parent gone", block_id.hex(), peer)
+                self.sync.drop(block_id)
+            except Exception:  # a bug, or a task's dataset missing here: not the peer's
+                log.exception("adding block %s failed", block_id.hex())
+                self.sync.drop(block_id)
             else:
                 self.sync.done(block_id)
+                self._check_parked(block_id)
             return
         self.sync.drop(block_id)
 
@@ -637,11 +676,14 @@ class Network:
                 continue
             except FraudFound as fraud:
                 self._rejected_txs.add(tx_id)
-                self._seen_proofs.add((tx_id, fraud.proof.start.leaf.index))
+                self._seen_proofs.add(_proof_key(fraud.proof))
                 self.broadcast(fraud.proof)
             except ConsensusError as e:
                 log.debug("tx %s from %r refused: %s", tx_id.hex(), peer, e)
-                self._rejected_txs.add(tx_id)
+                if e.reason not in NOT_COMMITTED and e.reason != "txn-already-in-mempool":
+                    self._rejected_txs.add(tx_id)
+            else:
+                self._check_parked(tx_id)
             return
 
     # -- relay -------------------------------------------------------------------------
@@ -666,19 +708,36 @@ class Network:
         for peer in self.peers.values():
             peer.send(proof)
 
+    def _check_parked(self, owner_id: Hash) -> None:
+        """A block or mtx just came in: check a fraud proof that arrived before it."""
+        parked = self._parked.pop(owner_id, None)
+        if parked is not None and parked[1].alive:
+            self._seen_proofs.add(_proof_key(parked[0]))
+            self._spawn(self._check_fraud(parked[1], parked[0]))
+
     async def _check_fraud(self, peer: Peer, proof: FraudProof) -> None:
         """Check a fraud proof against what it accuses; if it holds, the node drops the
         convicted and we pass the proof on; if not, the accuser misbehaved."""
         holds = await self.node.apply_fraud_proof(proof)
-        if holds is None:
-            return  # nothing of ours: a block we never took, or an mtx we never saw
+        if holds is None:  # about a block or mtx not here (yet): checked when it comes
+            self._seen_proofs.discard(_proof_key(proof))
+            self._parked[proof.owner_id] = proof, peer
+            if len(self._parked) > PARKED_PROOFS:
+                self._parked.popitem(last=False)
+            return
         if not holds:
             self.punish(peer, "bad-fraud-proof")
             return
         log.warning("fraud proof from %r holds: dropped %s", peer, proof.owner_id.hex())
-        self.sync.reject(proof.owner_id)
+        self.sync.reject(proof.owner_id, convicted=True)
         self._rejected_txs.add(proof.owner_id)
         self.broadcast(proof)
+
+
+def _proof_key(proof: FraudProof) -> tuple[Hash, bytes, bytes]:
+    """What tells fraud proofs apart: the accused and the two leaves (each committing to
+    its tensors), so junk about an interval cannot shadow a real proof of it."""
+    return proof.owner_id, encode(proof.start.leaf), encode(proof.end.leaf)
 
 
 def _proofs(block: Block) -> list[Proof]:

@@ -40,6 +40,9 @@ class KnownSet:
     def __contains__(self, item: object) -> bool:
         return item in self._items
 
+    def discard(self, item: Hashable) -> None:
+        self._items.pop(item, None)
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -95,6 +98,7 @@ class Peer:
         self.addr_limit = RateLimit(rate=0.1, burst=1000.0)  # addresses (Bitcoin Core's)
         self.tx_requests = 0  # transactions asked of it and not yet answered
         self.serving = 0  # its chunk requests being answered
+        self.checking_fraud = False  # one of its fraud proofs is being checked
         self._writer_task = asyncio.ensure_future(self._drain())
         # Set when the writer is done, even if it was cancelled before it ever ran.
         self._writer_task.add_done_callback(lambda _: self.closed.set())

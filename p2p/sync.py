@@ -74,8 +74,8 @@ def headers_after(store: ChainStore, locator: tuple[Hash, ...], stop: Hash) -> l
     for height in range(start + 1, min(store.height, start + MAX_HEADERS) + 1):
         block_id = store.main_chain_id(height)
         header = store.get_header(block_id) if block_id else None
-        if header is None:  # the tip moved under us: what we have is still a chain
-            break
+        if header is None or (headers and header.prev_id != compute_block_id(headers[-1])):
+            break  # the tip moved under us (a reorg): what we have is still one chain
         headers.append(header)
         if block_id == stop:
             break
@@ -102,6 +102,10 @@ class BlockSync:
         self.adding: set[Hash] = set()  # blocks handed on and not yet done
         self.asked_headers: dict[int, float] = {}  # peer id → when we sent it getheaders
         self.invalid = KnownSet(10_000)  # ids of blocks (and headers) known bad
+        # Blocks convicted by a private audit or a fraud proof: a peer whose own audits
+        # passed relays them in good faith, so they are skipped, not held against it.
+        self.convicted = KnownSet(10_000)
+        self.cancelled = KnownSet(10_000)  # requests dropped: a late answer is no offence
 
     # -- headers ---------------------------------------------------------------------------
 
@@ -126,6 +130,8 @@ class BlockSync:
         new = False
         for header in headers:
             block_id = compute_block_id(header)
+            if block_id in self.convicted or header.prev_id in self.convicted:
+                return False  # a fraud proof's verdict: honest peers may not know it yet
             if block_id in self.invalid:
                 raise ConsensusError("bad-prevblk", f"header {block_id.hex()} is known invalid")
             if parent is not None and header.prev_id != compute_block_id(parent):
@@ -240,12 +246,13 @@ class BlockSync:
         self.done(block_id)
         self._drop_descendants(block_id)
 
-    def reject(self, block_id: Hash) -> None:
-        """A block (or its header) is invalid: forget it and every header built on it."""
-        self.invalid.add(block_id)
+    def reject(self, block_id: Hash, *, convicted: bool = False) -> None:
+        """A block (or its header) is invalid: forget it and every header built on it.
+        `convicted`: by a private audit or fraud proof, which honest peers can miss."""
+        (self.convicted if convicted else self.invalid).add(block_id)
         self.done(block_id)
         for descendant in self._drop_descendants(block_id):
-            self.invalid.add(descendant)
+            (self.convicted if convicted else self.invalid).add(descendant)
 
     def _drop_descendants(self, block_id: Hash) -> list[Hash]:
         children: dict[Hash, list[Hash]] = {}
@@ -256,7 +263,8 @@ class BlockSync:
             child = stack.pop()
             stack += children.get(child, ())
             self.done(child)
-            self.in_flight.pop(child, None)
+            if self.in_flight.pop(child, None) is not None:
+                self.cancelled.add(child)
             self.arrived.pop(child, None)
             dropped.append(child)
         return dropped

@@ -576,3 +576,31 @@ def test_header_with_a_target_off_the_retarget_rule_is_invalid(
     assert consensus_reason(sync, FakePeer(1), (other,)) == "bad-diffbits"
     answered(sync, FakePeer(1), (child,))  # the rule's own target is kept
     assert compute_block_id(child) in sync.headers
+
+
+def test_headers_of_a_convicted_block_are_skipped_not_held_against_the_peer(
+        store: ChainStore, builder: ChainBuilder) -> None:
+    """A block convicted by a private audit or fraud proof passed an honest relay's own
+    audits: its headers are ignored, while a block invalid for everyone is an offence."""
+    blocks = builder.chain(builder.genesis_id, 3)
+    sync = BlockSync(SYNC, store)
+    sync.reject(bid(blocks[0]), convicted=True)
+    assert answered(sync, FakePeer(1), headers(blocks)) is False
+    assert not sync.headers
+    other = builder.chain(builder.genesis_id, 3, dt=3)  # another branch, bad for everyone
+    sync.reject(bid(other[0]))
+    assert consensus_reason(sync, FakePeer(2), headers(other)) == "bad-prevblk"
+
+
+def test_a_late_answer_to_a_dropped_request_is_marked_cancelled(
+        store: ChainStore, builder: ChainBuilder) -> None:
+    blocks = builder.chain(builder.genesis_id, 3)
+    sync = BlockSync(SYNC, store)
+    peer = FakePeer(1)
+    answered(sync, peer, headers(blocks))
+    sync.requests([peer], now=0.0)  # type: ignore[list-item]
+    assert sync.on_block(peer, blocks[0])  # type: ignore[arg-type]
+    assert sync.next_ready() is not None
+    sync.drop(bid(blocks[0]))  # its artifacts could not be had
+    assert bid(blocks[1]) in sync.cancelled and bid(blocks[2]) in sync.cancelled
+    assert not sync.on_block(peer, blocks[1])  # type: ignore[arg-type]
