@@ -69,6 +69,18 @@ def chunk(need: Need, offset: int, total: int, data: bytes) -> Chunk:
     return CkptChunk(need.key, HISTORY if need.index is None else need.index, offset, total, data)
 
 
+def read_artifact(artifacts: ArtifactStore, need: Need) -> bytes | None:
+    """The canonical bytes of the stored artifact `need` names, None if not stored."""
+    if need.kind == "model":
+        obj: object = artifacts.get_model(need.key)
+    elif need.kind == "history":
+        obj = artifacts.get_history(need.key)
+    else:
+        assert need.index is not None
+        obj = artifacts.get_checkpoint(need.key, need.index)
+    return None if obj is None else encode(obj)
+
+
 class Fetcher:
     def __init__(self, artifacts: ArtifactStore, *, timeout: float, punish: Punish) -> None:
         self.artifacts, self.timeout, self._punish = artifacts, timeout, punish
@@ -205,19 +217,9 @@ class Fetcher:
         if data is not None:
             self._encoded.move_to_end(need)
             return data
-        data = await asyncio.to_thread(self._read, need)
+        data = await asyncio.to_thread(read_artifact, self.artifacts, need)
         if data is not None:
             self._encoded[need] = data
             if len(self._encoded) > ENCODED_CACHE:
                 self._encoded.popitem(last=False)
         return data
-
-    def _read(self, need: Need) -> bytes | None:
-        if need.kind == "model":
-            obj: object = self.artifacts.get_model(need.key)
-        elif need.kind == "history":
-            obj = self.artifacts.get_history(need.key)
-        else:
-            assert need.index is not None
-            obj = self.artifacts.get_checkpoint(need.key, need.index)
-        return None if obj is None else encode(obj)

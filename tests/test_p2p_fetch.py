@@ -27,7 +27,15 @@ from mining.artifacts import Need
 from mining.miner import Job, Solution, mine
 from mining.trainer import DeviceData
 from p2p import fetch as fetch_module
-from p2p.fetch import MAX_ARTIFACT, REQUESTS_PER_PEER, Chunk, Fetcher, FetchFailed, chunk
+from p2p.fetch import (
+    MAX_ARTIFACT,
+    REQUESTS_PER_PEER,
+    Chunk,
+    Fetcher,
+    FetchFailed,
+    chunk,
+    read_artifact,
+)
 from p2p.framing import ConnectionClosed, FrameError
 from p2p.messages import HISTORY, CkptChunk, GetCkpt, GetModel, ModelChunk
 from p2p.peer import Peer
@@ -79,14 +87,7 @@ def encoded(sol: Solution, need: Need) -> bytes:
 
 def stored(node: "Node", need: Need) -> bytes | None:
     """The canonical bytes of what `node` holds under `need`."""
-    if need.kind == "model":
-        obj: object = node.artifacts.get_model(need.key)
-    elif need.kind == "history":
-        obj = node.artifacts.get_history(need.key)
-    else:
-        assert need.index is not None
-        obj = node.artifacts.get_checkpoint(need.key, need.index)
-    return None if obj is None else encode(obj)
+    return read_artifact(node.artifacts, need)
 
 
 class Node:
