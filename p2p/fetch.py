@@ -18,6 +18,7 @@ asked for. Requests for the same artifact share one download.
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -38,6 +39,7 @@ log = logging.getLogger("dpodl.p2p")
 MAX_ARTIFACT = {"model": MAX_TENSOR_BYTES + 4096, "checkpoint": 2 * MAX_TENSOR_BYTES + 8192,
                 "history": 1 << 20}
 ENCODED_CACHE = 8  # artifacts kept encoded for serving their next chunks
+MIN_RATE = 256 << 10  # bytes/s below which an artifact's server counts as stalling
 REQUESTS_PER_PEER = 8  # chunk requests out to one peer at once (it answers up to 16)
 
 Chunk = ModelChunk | CkptChunk
@@ -140,6 +142,7 @@ class Fetcher:
         too slow, or gone)."""
         parts: list[bytes] = []
         offset, total = 0, None
+        deadline = None  # once the size is known: the timeout plus MIN_RATE for the bytes
         slots = self._slots.setdefault(peer.id, asyncio.Semaphore(REQUESTS_PER_PEER))
         while total is None or offset < total:
             key = (peer.id, need, offset)
@@ -167,6 +170,10 @@ class Fetcher:
                 if total > MAX_ARTIFACT[need.kind]:
                     self._punish(peer, "oversize-artifact")
                     return None
+                deadline = time.monotonic() + self.timeout + total / MIN_RATE
+            elif deadline is not None and time.monotonic() > deadline:
+                peer.close(f"stalled: {need.kind} slower than {MIN_RATE >> 10} KiB/s")
+                return None
             if piece.total != total or not piece.data or offset + len(piece.data) > total:
                 self._punish(peer, "bad-chunk")
                 return None

@@ -476,3 +476,23 @@ async def test_checkpoint_fetched_before_its_history_does_not_punish_the_server(
     with contextlib.suppress(FetchFailed):
         await c.fetch([ckpt_need(solution, 2)], [ca])
     assert not c.punished and ca.alive
+
+
+async def test_a_server_that_trickles_chunks_is_closed_at_the_rate_deadline(
+        net: Net, solution: Solution, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk in time, but the whole slower than MIN_RATE allows: stalling."""
+    small_chunks = 1024
+    monkeypatch.setattr(fetch_module, "CHUNK_SIZE", small_chunks)
+    monkeypatch.setattr(fetch_module, "MIN_RATE", 16 * small_chunks)  # 16 chunks a second
+    a, s, c = net.node("a", has=solution), net.node("s"), net.node("c", timeout=0.5)
+    cs, sc = await net.link(c, s)
+    ca, _ = await net.link(c, a)
+    need = model_need(solution)
+    data = encoded(solution, need)
+    assert len(data) > 20 * small_chunks  # enough chunks to run past the deadline
+    loop = asyncio.get_running_loop()
+    s.answer = lambda r: loop.call_later(0.2, sc.send, chunk(
+        need, r.offset, len(data), data[r.offset:r.offset + small_chunks])) and None
+    await c.fetch([need], [cs, ca])
+    assert cs.close_reason is not None and "slower than" in cs.close_reason
+    assert not c.punished and c.have(need)  # slow is not malicious; a served it
