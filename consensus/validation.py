@@ -24,7 +24,7 @@ from consensus.errors import ConsensusError
 from consensus.fork_choice import compute_block_weight
 from consensus.merkle import compute_root
 from consensus.params import ChainParams
-from consensus.seal import SealEngine
+from consensus.seal import MissingArtifact, Need, SealEngine
 from consensus.tasks import Task
 from consensus.transactions import ModelTx, check_tx_signature, compute_tx_id
 
@@ -102,11 +102,22 @@ def validate_block(params: ChainParams, engine: SealEngine, block: Block, ctx: H
     if task is None:
         raise ConsensusError("bad-task", f"unknown task {header.proof.task_id.hex()}")
     weight = compute_block_weight(params, task, header.proof.n_correct)
-    engine.validate_block_seal(params, header, task)
     mtx_target = compute_mtx_target(params, header.target)
-    for tx in block.txs:
-        if isinstance(tx, ModelTx):
-            if tx.proof.task_id != header.proof.task_id:
-                raise ConsensusError("bad-mtx-task", "a model transaction serves the active task")
-            engine.validate_mtx_seal(params, tx, task, mtx_target)
+    mtxs = [tx for tx in block.txs if isinstance(tx, ModelTx)]
+    for tx in mtxs:
+        if tx.proof.task_id != header.proof.task_id:
+            raise ConsensusError("bad-mtx-task", "a model transaction serves the active task")
+    # Every proof is checked before missing artifacts are reported, all in one
+    # MissingArtifact: a caller fetching from peers then needs two rounds per block,
+    # not two per proof (the engine remembers the proofs that passed).
+    missing: list[Need] = []
+    for check in [lambda: engine.validate_block_seal(params, header, task),
+                  *(lambda tx=tx: engine.validate_mtx_seal(params, tx, task, mtx_target)
+                    for tx in mtxs)]:
+        try:
+            check()
+        except MissingArtifact as e:
+            missing += [need for need in e.needs if need not in missing]
+    if missing:
+        raise MissingArtifact(*missing)
     return weight

@@ -71,9 +71,10 @@ from consensus.merkle import check_proof
 from consensus.models import ModelBlob, check_arch_in_space, check_params_fit, compute_model_id
 from consensus.params import ChainParams
 from consensus.proofs import Proof, check_target, compute_posthash, compute_prehash
+from consensus.seal import MissingArtifact, Need
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, compute_tx_id
-from mining.artifacts import ArtifactSource, MissingArtifact, Need
+from mining.artifacts import ArtifactSource
 from mining.htoa import Draw, Hpp, compute_htoa
 from mining.trainer import DataCache, Trainer, compute_update_norm, from_bytes, to_bytes
 

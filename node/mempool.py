@@ -42,7 +42,7 @@ from consensus.encoding import Hash, encode
 from consensus.errors import ConsensusError
 from consensus.params import MAX_TARGET, ChainParams
 from consensus.proofs import Proof
-from consensus.seal import SealEngine
+from consensus.seal import MissingArtifact, SealEngine
 from consensus.state import (
     SCHEDULE_KEY,
     U64_MAX,
@@ -51,7 +51,6 @@ from consensus.state import (
     compute_schedule,
 )
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, validate_tx_signature
-from mining.artifacts import MissingArtifact
 from storage.chain import AddResult, ChainStore, TipState
 
 log = logging.getLogger(__name__)

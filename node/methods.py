@@ -17,10 +17,10 @@ from consensus.difficulty import compute_difficulty
 from consensus.encoding import DecodeError, Hash, decode, encode
 from consensus.errors import ConsensusError
 from consensus.keys import compute_address
+from consensus.seal import MissingArtifact
 from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule
 from consensus.tasks import FAMILY_CNN, FAMILY_MLP, compute_task_id
 from consensus.transactions import ModelTx, TaskTx, Transaction, compute_tx_id, signer_address
-from mining.artifacts import MissingArtifact
 from node.auth import Authenticator
 from node.config import ConfigError, parse_peer
 from node.node import Node

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
 from aiohttp import web
 
 from consensus.blocks import Block, assemble_block, compute_block_id
@@ -28,10 +29,10 @@ from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import NETWORKS, ChainParams
 from consensus.proofs import Proof
+from consensus.seal import MissingArtifact
 from consensus.state import Schedule, compute_schedule
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
-from mining.artifacts import MissingArtifact
 from mining.miner import Job, Reference, Solution
 from mining.trainer import DataCache
 from mining.verifier import DPoDLEngine
@@ -128,6 +129,11 @@ class Node:
             self.key, created = self.datadir.load_or_create_key()
             if created:
                 log.info("created the miner key %s", self.datadir.key_path)
+        # Verification trains on the chain thread, one block at a time; one torch thread
+        # each keeps several nodes (or a node beside its miner) from oversubscribing the
+        # cores: 10 dev blocks took 1.9 s on 1 thread and 10–13 s on 2 with 8 nodes on 2
+        # cores (bench/propagation.py, docs/benchmarks.md).
+        torch.set_num_threads(1)
         self.db = Database(self.datadir.chain_path)
         self.artifacts = ArtifactStore(self.db)
         self.data = DataCache(None if self.config.datasets is None else str(self.config.datasets))

@@ -26,7 +26,7 @@ from consensus.checkpoints import MAX_TENSOR_BYTES, Checkpoint, History
 from consensus.encoding import decode, encode
 from consensus.errors import DecodeError
 from consensus.models import ModelBlob
-from mining.artifacts import Need
+from consensus.seal import Need
 from p2p.messages import CHUNK_SIZE, HISTORY, CkptChunk, GetCkpt, GetModel, ModelChunk
 from p2p.peer import Peer
 from storage import schema

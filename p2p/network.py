@@ -37,8 +37,8 @@ from consensus.checkpoints import FraudProof
 from consensus.encoding import ZERO_HASH, Hash, encode
 from consensus.errors import ConsensusError
 from consensus.proofs import Proof
+from consensus.seal import MissingArtifact, Need
 from consensus.transactions import ModelTx, Transaction, compute_tx_id
-from mining.artifacts import MissingArtifact, Need
 from mining.verifier import FraudFound
 from p2p.addrman import Address, AddressBook, parse_address
 from p2p.fetch import Fetcher, FetchFailed
@@ -93,6 +93,8 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "::1"})
 # the signatures out, §1) or of our clock: another copy of the same id may be fine.
 NOT_COMMITTED = frozenset({"bad-blk-sig", "bad-txn-sig", "bad-txnmrklroot", "bad-blk-length",
                            "bad-txns-duplicate", "time-too-new"})
+WAITING_BLOCKS = 64  # blocks that model transactions wait for
+WAITING_PER_BLOCK = 16
 PARKED_PROOFS = 64  # fraud proofs about blocks or mtxs not here yet
 
 
@@ -137,7 +139,11 @@ class Network:
         self.active = True  # setnetworkactive
         self._sources: OrderedDict[Hash, list[Peer]] = OrderedDict()
         self._tx_requests: dict[Hash, tuple[Peer, float]] = {}
-        self._rejected_txs = KnownSet(10_000)
+        self._rejected_txs = KnownSet(10_000)  # cleared on each new tip, as in Core
+        self._tx_adding: set[Hash] = set()  # arrived and being checked
+        # Model transactions mined on a block we do not have yet, by that block's id.
+        self._waiting_txs: OrderedDict[Hash, list[tuple[Peer, Hash, Transaction]]] = (
+            OrderedDict())
         self._seen_proofs = KnownSet(1_000)
         self._parked: OrderedDict[Hash, tuple[FraudProof, Peer]] = OrderedDict()
         self._nonces: set[int] = set()
@@ -449,7 +455,8 @@ class Network:
             elif item.kind in (INV_TX, INV_MTX):
                 peer.known_txs.add(item.id)
                 # The mempool is the chain thread's; one dict lookup from here is safe.
-                if (item.id in self._tx_requests or item.id in self._rejected_txs
+                if (item.id in self._tx_requests or item.id in self._tx_adding
+                        or item.id in self._rejected_txs
                         or peer.tx_requests >= TX_REQUESTS_PER_PEER
                         or self.node.mempool.get(item.id) is not None):
                     continue
@@ -520,7 +527,9 @@ class Network:
         del self._tx_requests[tx_id]
         peer.tx_requests -= 1
         self.stats.txs_in += 1
-        self._spawn(self._add_tx(peer, tx_id, msg.tx))
+        self._tx_adding.add(tx_id)
+        task = self._spawn(self._add_tx(peer, tx_id, msg.tx))
+        task.add_done_callback(lambda _: self._tx_adding.discard(tx_id))
 
     def _on_getartifact(self, peer: Peer, msg: GetModel | GetCkpt) -> None:
         if peer.serving >= SERVING_PER_PEER:
@@ -680,7 +689,10 @@ class Network:
                 self.broadcast(fraud.proof)
             except ConsensusError as e:
                 log.debug("tx %s from %r refused: %s", tx_id.hex(), peer, e)
-                if e.reason not in NOT_COMMITTED and e.reason != "txn-already-in-mempool":
+                if (e.reason == "bad-mtx-prev" and isinstance(tx, ModelTx)
+                        and self.store.get_entry(tx.prev_id) is None):
+                    self._wait_for_block(tx.prev_id, peer, tx_id, tx)  # an orphan, for now
+                elif e.reason not in NOT_COMMITTED and e.reason != "txn-already-in-mempool":
                     self._rejected_txs.add(tx_id)
             else:
                 self._check_parked(tx_id)
@@ -688,8 +700,24 @@ class Network:
 
     # -- relay -------------------------------------------------------------------------
 
+    def _wait_for_block(self, block_id: Hash, peer: Peer, tx_id: Hash,
+                        tx: Transaction) -> None:
+        waiting = self._waiting_txs.setdefault(block_id, [])
+        if len(waiting) < WAITING_PER_BLOCK:
+            waiting.append((peer, tx_id, tx))
+        if len(self._waiting_txs) > WAITING_BLOCKS:
+            self._waiting_txs.popitem(last=False)
+
     def announce_block(self, block_id: Hash) -> None:
-        """Tell every peer that does not know it yet about a new tip."""
+        """Tell every peer that does not know it yet about a new tip; retry what waited
+        for the blocks now here (state-dependent refusals may not hold any more)."""
+        self._rejected_txs = KnownSet(self._rejected_txs.capacity)
+        for waited in [i for i in self._waiting_txs if self.store.get_entry(i) is not None]:
+            for peer, tx_id, tx in self._waiting_txs.pop(waited):
+                if peer.alive and tx_id not in self._tx_adding:
+                    self._tx_adding.add(tx_id)
+                    task = self._spawn(self._add_tx(peer, tx_id, tx))
+                    task.add_done_callback(lambda _, t=tx_id: self._tx_adding.discard(t))
         item = InvItem(INV_BLOCK, block_id)
         for peer in self.peers.values():
             if block_id not in peer.known_blocks:

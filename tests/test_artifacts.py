@@ -20,8 +20,9 @@ from consensus.encoding import Hash, decode, tagged_hash
 from consensus.merkle import compute_proof
 from consensus.models import Arch, ModelBlob, compute_model_id, compute_param_count
 from consensus.proofs import Proof
+from consensus.seal import MissingArtifact, Need
 from consensus.tasks import FAMILY_MLP
-from mining.artifacts import MemoryArtifacts, MissingArtifact, Need
+from mining.artifacts import MemoryArtifacts
 from mining.miner import Solution
 from mining.trainer import to_bytes
 from storage import schema

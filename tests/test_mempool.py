@@ -12,11 +12,10 @@ from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import COIN, DEV, ChainParams
 from consensus.proofs import Proof
-from consensus.seal import NoProofEngine
+from consensus.seal import MissingArtifact, Need, NoProofEngine
 from consensus.state import SCHEDULE_KEY
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, TaskTx, Transaction, compute_tx_id, sign_tx
-from mining.artifacts import MissingArtifact, Need
 from node.mempool import BLOCK_OVERHEAD, Mempool
 from storage.chain import AddResult, ChainStore
 from storage.db import Database

@@ -23,7 +23,7 @@ from consensus.difficulty import compute_mtx_target
 from consensus.encoding import Hash, encode, tagged_hash
 from consensus.models import ModelBlob
 from consensus.params import genesis_block
-from mining.artifacts import Need
+from consensus.seal import Need
 from mining.miner import Job, Solution, mine
 from mining.trainer import DeviceData
 from p2p import fetch as fetch_module

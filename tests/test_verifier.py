@@ -27,9 +27,10 @@ from consensus.keys import PrivateKey
 from consensus.models import ModelBlob, compute_model_id, compute_param_count
 from consensus.params import DEV, MAX_TARGET, ChainParams, genesis_block
 from consensus.proofs import Proof, check_target, compute_posthash, compute_prehash
+from consensus.seal import MissingArtifact, Need
 from consensus.tasks import compute_task_id
 from consensus.transactions import ModelTx, sign_tx
-from mining.artifacts import MemoryArtifacts, MissingArtifact, Need
+from mining.artifacts import MemoryArtifacts
 from mining.htoa import Draw, compute_htoa, draw_init
 from mining.miner import Job, Reference, Solution, mine
 from mining.trainer import DataCache, DeviceData, Trainer, compute_update_norm, to_bytes
