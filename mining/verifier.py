@@ -337,6 +337,19 @@ class DPoDLEngine:
             raise ConsensusError("bad-n-correct", f"claimed {proof.n_correct}, recounted "
                                                   f"{recount}, eps {task.eps_correct}")
 
+    def audit_needs(self, owner_id: Hash, ckpt_root: Hash) -> list[Need]:
+        """The checkpoints this engine's audits of `owner_id` will read and that are not
+        here yet, known as soon as its history is (the private draw is made now and kept
+        for the validation), so a node can fetch them while it checks something else.
+        Empty without the history, or for one too short to audit."""
+        history: History | None = self.artifacts.get_history(ckpt_root)
+        if history is None or len(history.leaves) < 2:
+            return []
+        public, private = self._plan(owner_id, history.leaves)
+        indices = sorted({i for interval in (*public, *private) for i in (interval, interval + 1)})
+        return [Need("checkpoint", ckpt_root, i) for i in indices
+                if self.artifacts.get_checkpoint(ckpt_root, i) is None]
+
     def _plan(self, owner_id: Hash, leaves: tuple[CheckpointLeaf, ...]
               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The intervals to replay: (public, private). Public: the last and the largest

@@ -96,6 +96,7 @@ NOT_COMMITTED = frozenset({"bad-blk-sig", "bad-txn-sig", "bad-txnmrklroot", "bad
 WAITING_BLOCKS = 64  # blocks that model transactions wait for
 WAITING_PER_BLOCK = 16
 PARKED_PROOFS = 64  # fraud proofs about blocks or mtxs not here yet
+PREFETCH_BLOCKS = 4  # blocks whose artifacts are fetched ahead of their turn at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +153,7 @@ class Network:
         self._redial: dict[Address, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._blocks_ready = asyncio.Event()
+        self._prefetch_slots = asyncio.Semaphore(PREFETCH_BLOCKS)
         self._own_addrs: set[Address] = set()  # where dialling reached ourselves
         self._server: asyncio.Server | None = None
         self._closing = False
@@ -655,8 +657,8 @@ class Network:
         self.sync.drop(block_id)
 
     async def _prefetch(self, block: Block, peer: Peer) -> None:
-        """Fetch the models and histories the block's proofs name while earlier blocks
-        are being checked (the checkpoints wait for the verifier's own choice). The
+        """Fetch the models and histories the block's proofs name, then the checkpoints
+        the verifier's audits will read, while earlier blocks are being checked. The
         verifier's cheap checks do not wait for this: a block that fails them costs no
         download, and a fetch it then asks for joins the one under way."""
         needs = []
@@ -665,8 +667,19 @@ class Network:
             if proof.ref_model:
                 needs.append(Need("model", Hash(proof.ref_model)))
         missing = [n for n in needs if not self.fetcher.have(n)]
+        async with self._prefetch_slots:  # a few blocks ahead, lowest (first to come) first
+            await self._prefetch_all(block, peer, missing)
+
+    async def _prefetch_all(self, block: Block, peer: Peer, missing: list[Need]) -> None:
         with contextlib.suppress(FetchFailed):  # _add_block asks again, and says so
             await self.fetcher.fetch(missing, self._sources_of(missing, peer))
+            # With the histories here, the engine can name its audits' checkpoints.
+            owners = [(compute_block_id(block.header), block.header.proof.ckpt_root),
+                      *((compute_tx_id(tx), tx.proof.ckpt_root) for tx in block.txs
+                        if isinstance(tx, ModelTx))]
+            checkpoints = [need for owner, root in owners for need in await asyncio.to_thread(
+                self.node.engine.audit_needs, owner, root)]
+            await self.fetcher.fetch(checkpoints, self._sources_of(checkpoints, peer))
 
     async def _add_tx(self, peer: Peer, tx_id: Hash, tx: Transaction) -> None:
         if isinstance(tx, ModelTx):

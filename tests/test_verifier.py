@@ -1387,3 +1387,25 @@ def test_a_fraud_proof_that_holds_forgets_the_passes_of_the_proof(cache, hidden,
         eng.validate_block_seal(EASY, hidden.header, TASK)
     with pytest.raises(FraudFound):
         eng.validate_mtx_seal(EASY, tx, TASK, MAX_TARGET)
+
+
+@pytest.mark.parametrize("q_local", [0, 2])
+def test_audit_needs_names_the_checkpoints_the_validation_then_asks_for(cache, honest, q_local):
+    """A node prefetches what the engine's audits will read: with the history here, the
+    private draw is made at once and kept, so the validation asks for exactly those."""
+    root = honest.proof.ckpt_root
+    artifacts = MemoryArtifacts()
+    eng = DPoDLEngine(artifacts, cache, q_local=q_local, rng=Fickle())
+    block_id = compute_block_id(header_of(honest))
+    assert eng.audit_needs(block_id, root) == []  # no history yet: nothing to name
+    artifacts.add_model(honest.proof.model_id, honest.model)
+    artifacts.add_history(root, honest.history)
+    named = eng.audit_needs(block_id, root)
+    assert named and all(n.kind == "checkpoint" and n.key == root for n in named)
+    with pytest.raises(MissingArtifact) as exc:
+        eng.validate_block_seal(EASY, header_of(honest), TASK)
+    assert set(exc.value.needs) == set(named)
+    for need in named:
+        artifacts.add_checkpoint(root, honest.checkpoint(need.index))
+    assert eng.audit_needs(block_id, root) == []  # all here
+    assert eng.validate_block_seal(EASY, header_of(honest), TASK) is None
