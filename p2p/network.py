@@ -119,8 +119,6 @@ class NetConfig:
 
 @dataclass(slots=True)
 class NetStats:
-    blocks_in: int = 0
-    txs_in: int = 0
     fraud_proofs: int = 0
     bans: int = 0
 
@@ -516,8 +514,7 @@ class Network:
                 return  # we asked, then dropped the request: a late answer
             raise ProtocolError("unrequested-data", "a block not asked for")
         self.node.block_times.received(compute_block_id(block.header))
-        self.stats.blocks_in += 1
-        self._note_sources(block, peer)
+        self._note_sources(_proofs(block), peer)
         self._spawn(self._prefetch(block, peer))
         self._blocks_ready.set()
         self._request_blocks()
@@ -528,9 +525,12 @@ class Network:
             raise ProtocolError("unrequested-data", "a transaction not asked for")
         del self._tx_requests[tx_id]
         peer.tx_requests -= 1
-        self.stats.txs_in += 1
+        self._start_add_tx(peer, tx_id, msg.tx)
+
+    def _start_add_tx(self, peer: Peer, tx_id: Hash, tx: Transaction) -> None:
+        """Check a transaction in its own task; while it runs, nobody fetches it again."""
         self._tx_adding.add(tx_id)
-        task = self._spawn(self._add_tx(peer, tx_id, msg.tx))
+        task = self._spawn(self._add_tx(peer, tx_id, tx))
         task.add_done_callback(lambda _: self._tx_adding.discard(tx_id))
 
     def _on_getartifact(self, peer: Peer, msg: GetModel | GetCkpt) -> None:
@@ -577,20 +577,17 @@ class Network:
             for i in range(0, len(block_ids), MAX_INV):
                 peer.send(GetData(tuple(InvItem(INV_BLOCK, b) for b in block_ids[i:i + MAX_INV])))
 
-    def _note_sources(self, block: Block, peer: Peer) -> None:
-        """Remember that `peer` can serve the artifacts of `block` and its mtxs."""
-        for proof in _proofs(block):
+    def _note_sources(self, proofs: Iterable[Proof], peer: Peer) -> None:
+        """Remember that `peer` can serve the artifacts these proofs name."""
+        for proof in proofs:
             for key in (proof.model_id, proof.ckpt_root, proof.ref_model):
                 if key:
-                    self._add_source(Hash(key), peer)
-
-    def _add_source(self, key: Hash, peer: Peer) -> None:
-        sources = self._sources.setdefault(key, [])
-        if peer not in sources:
-            sources.append(peer)
-        self._sources.move_to_end(key)
-        if len(self._sources) > SOURCES:
-            self._sources.popitem(last=False)
+                    sources = self._sources.setdefault(Hash(key), [])
+                    if peer not in sources:
+                        sources.append(peer)
+                    self._sources.move_to_end(Hash(key))
+                    if len(self._sources) > SOURCES:
+                        self._sources.popitem(last=False)
 
     def _sources_of(self, needs: Iterable[Any], first: Peer,
                     block_id: Hash | None = None) -> list[Peer]:
@@ -667,25 +664,23 @@ class Network:
             if proof.ref_model:
                 needs.append(Need("model", Hash(proof.ref_model)))
         missing = [n for n in needs if not self.fetcher.have(n)]
-        async with self._prefetch_slots:  # a few blocks ahead, lowest (first to come) first
-            await self._prefetch_all(block, peer, missing)
-
-    async def _prefetch_all(self, block: Block, peer: Peer, missing: list[Need]) -> None:
-        with contextlib.suppress(FetchFailed):  # _add_block asks again, and says so
-            await self.fetcher.fetch(missing, self._sources_of(missing, peer))
-            # With the histories here, the engine can name its audits' checkpoints.
-            owners = [(compute_block_id(block.header), block.header.proof.ckpt_root),
-                      *((compute_tx_id(tx), tx.proof.ckpt_root) for tx in block.txs
-                        if isinstance(tx, ModelTx))]
-            checkpoints = [need for owner, root in owners for need in await asyncio.to_thread(
-                self.node.engine.audit_needs, owner, root)]
-            await self.fetcher.fetch(checkpoints, self._sources_of(checkpoints, peer))
+        # A few blocks ahead at once, lowest (first to come) first. A failure here is
+        # _add_block's to meet: it asks again, and says so.
+        async with self._prefetch_slots:
+            with contextlib.suppress(FetchFailed):
+                await self.fetcher.fetch(missing, self._sources_of(missing, peer))
+                # With the histories here, the engine can name its audits' checkpoints.
+                owners = [(compute_block_id(block.header), block.header.proof.ckpt_root),
+                          *((compute_tx_id(tx), tx.proof.ckpt_root) for tx in block.txs
+                            if isinstance(tx, ModelTx))]
+                checkpoints = [need for owner, root in owners for need in
+                               await asyncio.to_thread(self.node.engine.audit_needs, owner,
+                                                       root)]
+                await self.fetcher.fetch(checkpoints, self._sources_of(checkpoints, peer))
 
     async def _add_tx(self, peer: Peer, tx_id: Hash, tx: Transaction) -> None:
         if isinstance(tx, ModelTx):
-            for key in (tx.proof.model_id, tx.proof.ckpt_root, tx.proof.ref_model):
-                if key:
-                    self._add_source(Hash(key), peer)
+            self._note_sources([tx.proof], peer)
         for _ in range(3):  # model and history, then checkpoints; one spare
             try:
                 await self.node.submit_transaction(tx)
@@ -728,9 +723,7 @@ class Network:
         for waited in [i for i in self._waiting_txs if self.store.get_entry(i) is not None]:
             for peer, tx_id, tx in self._waiting_txs.pop(waited):
                 if peer.alive and tx_id not in self._tx_adding:
-                    self._tx_adding.add(tx_id)
-                    task = self._spawn(self._add_tx(peer, tx_id, tx))
-                    task.add_done_callback(lambda _, t=tx_id: self._tx_adding.discard(t))
+                    self._start_add_tx(peer, tx_id, tx)
         item = InvItem(INV_BLOCK, block_id)
         for peer in self.peers.values():
             if block_id not in peer.known_blocks:

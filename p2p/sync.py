@@ -254,11 +254,12 @@ class BlockSync:
         for descendant in self._drop_descendants(block_id):
             (self.convicted if convicted else self.invalid).add(descendant)
 
-    def _drop_descendants(self, block_id: Hash) -> list[Hash]:
+    def _drop_descendants(self, *block_ids: Hash) -> list[Hash]:
+        """Forget every header built on `block_ids` (one pass over the tree, however many)."""
         children: dict[Hash, list[Hash]] = {}
         for i, h in self.headers.items():
             children.setdefault(h.prev_id, []).append(i)
-        dropped, stack = [], list(children.get(block_id, ()))
+        dropped, stack = [], [c for i in block_ids for c in children.get(i, ())]
         while stack:
             child = stack.pop()
             stack += children.get(child, ())
@@ -291,7 +292,8 @@ class BlockSync:
             holders.discard(peer.id)
         # Headers nobody else has sent would hold the tree until a restart: drop them
         # with what builds on them; the catch-up asks the remaining peers again.
-        for block_id in [i for i, h in self.holders.items() if not h and i not in self.adding
-                         and i not in self.arrived]:
-            if block_id in self.headers:
-                self.drop(block_id)
+        orphans = [i for i, h in self.holders.items() if not h and i in self.headers
+                   and i not in self.adding and i not in self.arrived]
+        for block_id in orphans:
+            self.done(block_id)
+        self._drop_descendants(*orphans)
