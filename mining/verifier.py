@@ -50,6 +50,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
@@ -87,6 +88,16 @@ MAX_PLANS = 1024
 # Proofs that passed, remembered by (subject id, task id, target); past this, the least
 # recently asked about is dropped and, if it comes back, verified again.
 MAX_PASSED = 4096
+
+
+class Verdict(Enum):
+    """What replaying a fraud proof's interval shows."""
+
+    HOLDS = "holds"  # the interval does not replay: the accused is convicted
+    REFUTED = "refuted"  # bad paths or data, or it replays well within delta: the accuser erred
+    # It replays, but in the outer half of delta: another device's rounding could have
+    # pushed the accuser's replay past delta, so neither side is to blame.
+    INCONCLUSIVE = "inconclusive"
 
 
 class FraudFound(ConsensusError):
@@ -187,24 +198,25 @@ class DPoDLEngine:
     # -- fraud proofs ----------------------------------------------------------------------
 
     def check_fraud_proof(self, params: ChainParams, prev_id: Hash, proof: Proof, task: Task,
-                          fraud: FraudProof) -> bool:
-        """True when `fraud` proves that `proof`'s history has a forged interval.
+                          fraud: FraudProof) -> Verdict:
+        """Whether `fraud` proves that `proof`'s history has a forged interval.
 
         Both checkpoints must be committed by the proof's ckpt_root (Merkle paths) and
-        consecutive; the interval is then replayed. A fraud proof that does not hold up
-        (bad paths, or an interval that replays) proves nothing and returns False: the
-        accuser, not the accused, is wrong.
+        consecutive; the interval is then replayed. A fraud proof with bad paths, or whose
+        interval replays within half of delta (ten times the worst honest cross-device
+        distance measured at k ≤ CNN_K_MAX), is REFUTED: the accuser, not the accused, is
+        wrong. One that replays in delta's outer half is INCONCLUSIVE.
         """
         start, end = fraud.start, fraud.end
         j = proof.steps // task.k
         if proof.steps % task.k or j < 1 or end.leaf.index != start.leaf.index + 1:
-            return False
+            return Verdict.REFUTED
         for ckpt in (start, end):
             if not (ckpt.leaf.index <= j
                     and check_proof(proof.ckpt_root, leaf_bytes(ckpt.leaf), ckpt.leaf.index,
                                     j + 1, ckpt.path)
                     and _check_tensors(ckpt)):
-                return False  # the accuser's data is not what the miner committed
+                return Verdict.REFUTED  # the accuser's data is not what the miner committed
         needs: list[Need] = []
         try:
             ref = self._reference(proof, task, needs)
@@ -212,11 +224,11 @@ class DPoDLEngine:
                 raise MissingArtifact(*needs)
             h1 = compute_prehash(prev_id, proof)
             draw = compute_htoa(task, h1, ref)
-            self._audit(self._trainer(draw, task), task, start, end)
+            distance_ppm = self._audit(self._trainer(draw, task), task, start, end)
         except ConsensusError:
             self._forget_passes(prev_id, proof)
-            return True
-        return False
+            return Verdict.HOLDS
+        return Verdict.INCONCLUSIVE if 2 * distance_ppm > task.delta_ppm else Verdict.REFUTED
 
     # -- the checks ------------------------------------------------------------------------
 
@@ -436,8 +448,9 @@ class DPoDLEngine:
                 raise FraudFound(f"private audit of interval {i}: {e.reason}: {e.detail}",
                                  FraudProof(subject.owner_id, start, end)) from e
 
-    def _audit(self, trainer: Trainer, task: Task, start: Checkpoint, end: Checkpoint) -> None:
-        """Replay one interval from `start` and compare with `end` (PROTOCOL.md §8.7)."""
+    def _audit(self, trainer: Trainer, task: Task, start: Checkpoint, end: Checkpoint) -> float:
+        """Replay one interval from `start` and compare with `end` (PROTOCOL.md §8.7);
+        the replay's distance in ppm, within delta."""
         signature = trainer.draw.signature
         n = len(trainer.draw.init) * 4
         for ckpt in (start, end):
@@ -461,6 +474,7 @@ class DPoDLEngine:
             raise ConsensusError("bad-replay", f"interval {start.leaf.index} replays "
                                                f"{distance * 1e6:.1f} ppm away, "
                                                f"delta {task.delta_ppm}")
+        return distance * 1e6
 
     def _trainer(self, draw: Draw, task: Task) -> Trainer:
         return Trainer(draw, self.data.resident(task.dataset, self.device), self.device)

@@ -29,13 +29,13 @@ from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import NETWORKS, ChainParams
 from consensus.proofs import Proof
-from consensus.seal import MissingArtifact
+from consensus.seal import MissingArtifact, Need
 from consensus.state import Schedule, compute_schedule
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
 from mining.miner import Job, Reference, Solution
 from mining.trainer import DataCache
-from mining.verifier import DPoDLEngine
+from mining.verifier import DPoDLEngine, Verdict
 from node.auth import Authenticator, remove_cookie, write_cookie
 from node.config import Config
 from node.datadir import DataDir, read_key_file
@@ -238,24 +238,36 @@ class Node:
             await self._new_tip(result)
         return result
 
-    async def apply_fraud_proof(self, fraud: FraudProof) -> bool | None:
-        """Check a fraud proof (§8.8) against the block or model transaction it names and,
-        if it holds, drop what it convicts: the block and its descendants, the block that
-        included the mtx, or the mtx from the pool. None when the accused is not here."""
-        found = await self.on_chain_thread(self._find_accused, fraud.owner_id)
+    async def apply_fraud_proof(self, owner_id: Hash, index: int) -> Verdict | None:
+        """Check the claim that interval `index` of `owner_id`'s history does not replay
+        (§8.8) and, if it holds, drop what it convicts: the block and its descendants, the
+        block that included the mtx, or the mtx from the pool. None when the accused is
+        not here; MissingArtifact when the interval's checkpoints are not (the accuser
+        has them)."""
+        found = await self.on_chain_thread(self._find_accused, owner_id)
         if found is None:
             return None
         prev_id, proof, block_id = found
+        ends = [self.artifacts.get_checkpoint(proof.ckpt_root, i) for i in (index, index + 1)]
+        missing = [Need("checkpoint", proof.ckpt_root, i)
+                   for i, ckpt in zip((index, index + 1), ends, strict=True) if ckpt is None]
+        if missing:
+            raise MissingArtifact(*missing)
+        start, end = ends
+        assert start is not None and end is not None
         task = self.store.get_task(proof.task_id)
-        holds = task is not None and await self.on_chain_thread(
-            self.engine.check_fraud_proof, self.params, prev_id, proof, task, fraud)
-        if holds:
-            await self.on_chain_thread(self.mempool.remove, fraud.owner_id)
+        if task is None:
+            return Verdict.REFUTED
+        verdict = await self.on_chain_thread(self.engine.check_fraud_proof, self.params,
+                                             prev_id, proof, task,
+                                             FraudProof(owner_id, start, end))
+        if verdict is Verdict.HOLDS:
+            await self.on_chain_thread(self.mempool.remove, owner_id)
             if block_id is not None:
                 entry = self.store.get_entry(block_id)
                 if entry is not None and entry.status < STATUS_INVALID:
                     await self.invalidate_block(block_id)
-        return holds
+        return verdict
 
     def _find_accused(self, owner_id: Hash) -> tuple[Hash, Proof, Hash | None] | None:
         """(prev_id, proof, the block to drop) of a block, or of a model transaction in

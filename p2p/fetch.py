@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from consensus.checkpoints import MAX_TENSOR_BYTES, Checkpoint, History
-from consensus.encoding import decode, encode
+from consensus.encoding import decode
 from consensus.errors import DecodeError
 from consensus.models import ModelBlob
 from consensus.seal import Need
@@ -71,16 +71,20 @@ def chunk(need: Need, offset: int, total: int, data: bytes) -> Chunk:
     return CkptChunk(need.key, HISTORY if need.index is None else need.index, offset, total, data)
 
 
-def read_artifact(artifacts: ArtifactStore, need: Need) -> bytes | None:
-    """The canonical bytes of the stored artifact `need` names, None if not stored."""
+def artifact_key(need: Need) -> bytes:
+    """The database key of the artifact `need` names."""
     if need.kind == "model":
-        obj: object = artifacts.get_model(need.key)
-    elif need.kind == "history":
-        obj = artifacts.get_history(need.key)
-    else:
-        assert need.index is not None
-        obj = artifacts.get_checkpoint(need.key, need.index)
-    return None if obj is None else encode(obj)
+        return schema.model_key(need.key)
+    if need.kind == "history":
+        return schema.history_key(need.key)
+    assert need.index is not None
+    return schema.checkpoint_key(need.key, need.index)
+
+
+def read_artifact(artifacts: ArtifactStore, need: Need) -> bytes | None:
+    """The canonical bytes of the stored artifact `need` names, None if not stored: as
+    stored (the store encodes what it checked), so serving costs a read, not a re-encode."""
+    return artifacts.db.get(artifact_key(need))
 
 
 class Fetcher:
@@ -95,14 +99,7 @@ class Fetcher:
     # -- fetching ------------------------------------------------------------------------
 
     def have(self, need: Need) -> bool:
-        if need.kind == "model":
-            key = schema.model_key(need.key)
-        elif need.kind == "history":
-            key = schema.history_key(need.key)
-        else:
-            assert need.index is not None
-            key = schema.checkpoint_key(need.key, need.index)
-        return self.artifacts.db.get(key) is not None
+        return self.artifacts.db.has(artifact_key(need))
 
     async def fetch(self, needs: Sequence[Need], peers: Sequence[Peer]) -> None:
         """Fetch and store every artifact of `needs` (concurrently) from the first of

@@ -22,7 +22,6 @@ from enum import IntEnum
 from typing import Annotated, Any
 
 from consensus.blocks import Block, BlockHeader
-from consensus.checkpoints import FraudProof
 from consensus.encoding import U8, U16, U32, U64, Bytes, Hash32, MaxItems, decode, encode
 from consensus.errors import DecodeError
 from consensus.params import ChainParams
@@ -39,7 +38,6 @@ MAX_LOCATOR = 101  # block locator entries (Bitcoin Core's bound)
 MAX_HEADERS = 2000  # headers in one headers message
 CHUNK_SIZE = 1 << 20  # artifact bytes in one model or ckpt message
 MAX_CONTROL = 1 << 20  # every kind without its own cap below
-MAX_FRAUD_PROOF = 64 << 20  # two checkpoints, each parameters and momentum
 HISTORY = 0xFFFF_FFFF  # the checkpoint index that asks for the leaf list
 
 # inv item kinds
@@ -203,9 +201,20 @@ class CkptChunk:
     data: Annotated[bytes, Bytes(CHUNK_SIZE)]
 
 
+@dataclass(frozen=True, slots=True)
+class FraudNotice:
+    """Interval `index` → `index + 1` of `owner_id`'s history does not replay. The two
+    checkpoints (up to 2 × 128 MiB for the largest models) are not pushed: the receiver
+    fetches them with `getckpt` from the sender, which holds them since it audited them,
+    and each arrives checked against the accused's ckpt_root."""
+
+    owner_id: Hash32  # the block or model transaction whose history is accused
+    index: U32  # the interval's first checkpoint
+
+
 Message = (Version | Verack | Ping | Pong | GetAddr | Addr | Inv | GetData | NotFound
            | GetHeaders | Headers | Block | Tx | GetModel | ModelChunk | GetCkpt | CkptChunk
-           | FraudProof)
+           | FraudNotice)
 
 PAYLOAD_TYPES: dict[Kind, type] = {
     Kind.VERSION: Version,
@@ -225,7 +234,7 @@ PAYLOAD_TYPES: dict[Kind, type] = {
     Kind.MODEL: ModelChunk,
     Kind.GETCKPT: GetCkpt,
     Kind.CKPT: CkptChunk,
-    Kind.FRAUDPROOF: FraudProof,
+    Kind.FRAUDPROOF: FraudNotice,
 }
 KIND_OF: dict[type, Kind] = {tp: kind for kind, tp in PAYLOAD_TYPES.items()}
 _EMPTY = frozenset({Verack, GetAddr})
@@ -241,8 +250,6 @@ def max_payload(params: ChainParams, kind: int) -> int:
         return params.max_block_bytes
     if kind in (Kind.MODEL, Kind.CKPT):
         return _CHUNK_FRAME
-    if kind == Kind.FRAUDPROOF:
-        return MAX_FRAUD_PROOF
     return MAX_CONTROL
 
 

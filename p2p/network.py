@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from consensus.blocks import Block, compute_block_id
-from consensus.checkpoints import FraudProof
-from consensus.encoding import ZERO_HASH, Hash, encode
+from consensus.encoding import ZERO_HASH, Hash
 from consensus.errors import ConsensusError
 from consensus.proofs import Proof
 from consensus.seal import MissingArtifact, Need
 from consensus.transactions import ModelTx, Transaction, compute_tx_id
-from mining.verifier import FraudFound
+from mining.verifier import FraudFound, Verdict
 from p2p.addrman import Address, AddressBook, parse_address
 from p2p.fetch import Fetcher, FetchFailed
 from p2p.framing import ConnectionClosed, FrameError
@@ -54,6 +53,7 @@ from p2p.messages import (
     PROTOCOL_VERSION,
     Addr,
     CkptChunk,
+    FraudNotice,
     GetAddr,
     GetCkpt,
     GetData,
@@ -144,7 +144,7 @@ class Network:
         self._waiting_txs: OrderedDict[Hash, list[tuple[Peer, Hash, Transaction]]] = (
             OrderedDict())
         self._seen_proofs = KnownSet(1_000)
-        self._parked: OrderedDict[Hash, tuple[FraudProof, Peer]] = OrderedDict()
+        self._parked: OrderedDict[Hash, tuple[FraudNotice, Peer]] = OrderedDict()
         self._nonces: set[int] = set()
         self._dialling: set[Address] = set()
         self._handshaking = 0  # inbound connections not yet through their handshake
@@ -288,6 +288,8 @@ class Network:
             del self.peers[peer.id]
             self.sync.forget_peer(peer)
             self.fetcher.forget_peer(peer)
+            for key in [k for k, sources in self._sources.items() if peer in sources]:
+                self._sources[key].remove(peer)
             for tx_id in [t for t, (p, _) in self._tx_requests.items() if p is peer]:
                 del self._tx_requests[tx_id]
             if peer.listen_addr is not None:
@@ -470,12 +472,7 @@ class Network:
         missing = []
         for item in msg.items:
             if item.kind == INV_BLOCK:
-                raw = self.store.db.get(schema.block_key(item.id))
-                if raw is None:
-                    missing.append(item)
-                else:
-                    peer.known_blocks.add(item.id)
-                    peer.send_raw(Kind.BLOCK, raw)
+                peer.block_requests.append(item.id)
             else:
                 tx = self.node.mempool.get(item.id)
                 if tx is None:
@@ -485,6 +482,27 @@ class Network:
                     peer.send(Tx(tx))
         if missing:
             peer.send(NotFound(tuple(missing)))
+        if len(peer.block_requests) > MAX_INV:
+            raise ProtocolError("getdata-flood", f"{len(peer.block_requests)} blocks asked for")
+        if peer.block_requests and not peer.sending_blocks:
+            peer.sending_blocks = True
+            self._spawn(self._send_blocks(peer))
+
+    async def _send_blocks(self, peer: Peer) -> None:
+        """Send the blocks `peer` asked for in order, each once its socket has room, so a
+        peer syncing big blocks is paced rather than overflowing its send queue."""
+        try:
+            while peer.block_requests and peer.alive:
+                block_id = Hash(peer.block_requests.popleft())
+                raw = self.store.db.get(schema.block_key(block_id))
+                if raw is None:
+                    peer.send(NotFound((InvItem(INV_BLOCK, block_id),)))
+                    continue
+                await peer.room(len(raw) + 9)
+                peer.known_blocks.add(block_id)
+                peer.send_raw(Kind.BLOCK, raw)
+        finally:
+            peer.sending_blocks = False
 
     def _on_notfound(self, peer: Peer, msg: NotFound) -> None:
         for item in msg.items:
@@ -509,7 +527,7 @@ class Network:
         self._request_blocks()
 
     def _on_block(self, peer: Peer, block: Block) -> None:
-        if not self.sync.on_block(peer, block):
+        if not self.sync.on_block(peer, block, peer.last_size):
             if compute_block_id(block.header) in self.sync.cancelled:
                 return  # we asked, then dropped the request: a late answer
             raise ProtocolError("unrequested-data", "a block not asked for")
@@ -547,8 +565,8 @@ class Network:
         if not self.fetcher.on_chunk(peer, msg):
             raise ProtocolError("unrequested-data", "an artifact chunk not asked for")
 
-    def _on_fraud_proof(self, peer: Peer, msg: FraudProof) -> None:
-        key = _proof_key(msg)
+    def _on_fraud_notice(self, peer: Peer, msg: FraudNotice) -> None:
+        key = (msg.owner_id, msg.index)
         if key in self._seen_proofs:
             return
         if peer.checking_fraud:
@@ -563,7 +581,7 @@ class Network:
         GetData: _on_getdata, NotFound: _on_notfound, GetHeaders: _on_getheaders,
         Headers: _on_headers, Block: _on_block, Tx: _on_tx, GetModel: _on_getartifact,
         GetCkpt: _on_getartifact, ModelChunk: _on_chunk, CkptChunk: _on_chunk,
-        FraudProof: _on_fraud_proof,
+        FraudNotice: _on_fraud_notice,
     }
 
     # -- sync --------------------------------------------------------------------------
@@ -632,8 +650,7 @@ class Network:
             except FraudFound as fraud:
                 log.warning("block %s: %s; sending the fraud proof", block_id.hex(), fraud)
                 self.sync.reject(block_id, convicted=True)
-                self._seen_proofs.add(_proof_key(fraud.proof))
-                self.broadcast(fraud.proof)
+                self.broadcast(_notice(fraud))
             except ConsensusError as e:
                 log.info("block %s from %r refused: %s", block_id.hex(), peer, e)
                 if e.reason in NOT_COMMITTED:  # this copy is bad, not the block: ask again
@@ -693,8 +710,7 @@ class Network:
                 continue
             except FraudFound as fraud:
                 self._rejected_txs.add(tx_id)
-                self._seen_proofs.add(_proof_key(fraud.proof))
-                self.broadcast(fraud.proof)
+                self.broadcast(_notice(fraud))
             except ConsensusError as e:
                 log.debug("tx %s from %r refused: %s", tx_id.hex(), peer, e)
                 if (e.reason == "bad-mtx-prev" and isinstance(tx, ModelTx)
@@ -737,41 +753,62 @@ class Network:
                 peer.known_txs.add(tx_id)
                 peer.send(Inv((item,)))
 
-    def broadcast(self, proof: FraudProof) -> None:
+    def broadcast(self, notice: FraudNotice) -> None:
+        """Tell every peer about a forged interval; they fetch its two checkpoints from
+        us (we hold them: we audited them)."""
+        self._seen_proofs.add((notice.owner_id, notice.index))
         self.stats.fraud_proofs += 1
         for peer in self.peers.values():
-            peer.send(proof)
+            peer.send(notice)
 
     def _check_parked(self, owner_id: Hash) -> None:
-        """A block or mtx just came in: check a fraud proof that arrived before it."""
+        """A block or mtx just came in: check a fraud notice that arrived before it."""
         parked = self._parked.pop(owner_id, None)
         if parked is not None and parked[1].alive:
-            self._seen_proofs.add(_proof_key(parked[0]))
-            self._spawn(self._check_fraud(parked[1], parked[0]))
+            notice, peer = parked
+            self._seen_proofs.add((notice.owner_id, notice.index))
+            self._spawn(self._check_fraud(peer, notice))
 
-    async def _check_fraud(self, peer: Peer, proof: FraudProof) -> None:
-        """Check a fraud proof against what it accuses; if it holds, the node drops the
-        convicted and we pass the proof on; if not, the accuser misbehaved."""
-        holds = await self.node.apply_fraud_proof(proof)
-        if holds is None:  # about a block or mtx not here (yet): checked when it comes
-            self._seen_proofs.discard(_proof_key(proof))
-            self._parked[proof.owner_id] = proof, peer
+    async def _check_fraud(self, peer: Peer, notice: FraudNotice) -> None:
+        """Fetch the accused interval's checkpoints from the accuser and replay it; if the
+        proof holds, the node drops the convicted and we pass the notice on. An accuser
+        that cannot serve its evidence, or whose interval replays well within delta,
+        misbehaved; one whose interval replays near delta (another device's rounding
+        could explain it) did not, and nothing changes."""
+        for _ in range(2):  # the leaf list and both checkpoints arrive in one round
+            try:
+                verdict = await self.node.apply_fraud_proof(notice.owner_id, notice.index)
+                break
+            except MissingArtifact as missing:
+                try:
+                    await self.fetcher.fetch(missing.needs,
+                                             self._sources_of(missing.needs, peer))
+                except FetchFailed as e:
+                    log.info("fraud notice from %r not backed: %s", peer, e)
+                    if peer.alive:
+                        self.punish(peer, "fraud-proof-unbacked")
+                    return
+        else:
+            return
+        if verdict is None:  # about a block or mtx not here (yet): checked when it comes
+            self._seen_proofs.discard((notice.owner_id, notice.index))
+            self._parked[notice.owner_id] = notice, peer
             if len(self._parked) > PARKED_PROOFS:
                 self._parked.popitem(last=False)
-            return
-        if not holds:
+        elif verdict is Verdict.REFUTED:
             self.punish(peer, "bad-fraud-proof")
-            return
-        log.warning("fraud proof from %r holds: dropped %s", peer, proof.owner_id.hex())
-        self.sync.reject(proof.owner_id, convicted=True)
-        self._rejected_txs.add(proof.owner_id)
-        self.broadcast(proof)
+        elif verdict is Verdict.INCONCLUSIVE:
+            log.info("fraud notice from %r about %s: interval %d replays near delta; "
+                     "not acted on", peer, notice.owner_id.hex(), notice.index)
+        else:
+            log.warning("fraud proof from %r holds: dropped %s", peer, notice.owner_id.hex())
+            self.sync.reject(notice.owner_id, convicted=True)
+            self._rejected_txs.add(notice.owner_id)
+            self.broadcast(notice)
 
 
-def _proof_key(proof: FraudProof) -> tuple[Hash, bytes, bytes]:
-    """What tells fraud proofs apart: the accused and the two leaves (each committing to
-    its tensors), so junk about an interval cannot shadow a real proof of it."""
-    return proof.owner_id, encode(proof.start.leaf), encode(proof.end.leaf)
+def _notice(fraud: FraudFound) -> FraudNotice:
+    return FraudNotice(fraud.proof.owner_id, fraud.proof.start.leaf.index)
 
 
 def _proofs(block: Block) -> list[Proof]:

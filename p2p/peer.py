@@ -80,11 +80,13 @@ class Peer:
         self._queued = 0
         self._send_queue_bytes = send_queue_bytes
         self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()  # set each time the socket has taken what we wrote
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
         self.connected_at = time.time()
         self.last_send = self.last_recv = 0.0
         self.bytes_sent = self.bytes_recv = 0
+        self.last_size = 0  # the payload bytes of the last message received
         self.best_height = version.best_height
         self.known_blocks = KnownSet(known_capacity)
         self.known_txs = KnownSet(known_capacity)
@@ -98,6 +100,8 @@ class Peer:
         self.addr_limit = RateLimit(rate=0.1, burst=1000.0)  # addresses (Bitcoin Core's)
         self.tx_requests = 0  # transactions asked of it and not yet answered
         self.serving = 0  # its chunk requests being answered
+        self.block_requests: deque[bytes] = deque()  # blocks it asked for, not yet sent
+        self.sending_blocks = False  # a task is sending them
         self.checking_fraud = False  # one of its fraud proofs is being checked
         self._writer_task = asyncio.ensure_future(self._drain())
         # Set when the writer is done, even if it was cancelled before it ever ran.
@@ -126,12 +130,27 @@ class Peer:
         self._queued += len(frame)
         self._wakeup.set()
 
+    async def room(self, size: int) -> None:
+        """Wait until `size` more bytes fit within the send queue's bound, counting what
+        the socket has not taken yet; or until the socket has caught up (so one message
+        bigger than the bound still goes). For answers that can be paced, such as the
+        blocks of a getdata."""
+        transport = self._writer.transport
+        while self.alive:
+            buffered = self._queued + transport.get_write_buffer_size()
+            if (buffered + size <= self._send_queue_bytes
+                    or buffered <= transport.get_write_buffer_limits()[1]):
+                return
+            self._drained.clear()
+            await self._drained.wait()
+
     async def receive(self, timeout: float) -> Message:
         """The next message; FrameError (ProtocolError included) or ConnectionClosed."""
         kind, payload = await read_frame(
             self._reader, self.params.magic, timeout=timeout,
             max_payload=lambda kind: max_payload(self.params, kind))
         self.last_recv = time.time()
+        self.last_size = len(payload)
         self.bytes_recv += len(payload) + 9
         return decode_payload(kind, payload)
 
@@ -159,9 +178,11 @@ class Peer:
                     self.bytes_sent += len(frame)
                     self.last_send = time.time()
                 await self._writer.drain()
+                self._drained.set()
         except (ConnectionError, OSError):
             self.close_reason = self.close_reason or "connection-lost"
         except asyncio.CancelledError:
             pass
         finally:
             self._writer.transport.abort()
+            self._drained.set()  # nobody waits for room on a closed connection

@@ -2,12 +2,14 @@
 of them at once (PROTOCOL.md §11; Bitcoin Core's design since 0.10).
 
 A node asks a peer for the headers after its block locator (`getheaders`). Headers are
-cheap to check without their blocks: links, heights, the retarget rule, the miner's
-signature and the two lottery hashes (h1 ≤ t1, h2 ≤ the header's target), so a peer
-cannot make us fetch blocks for headers nobody did work for. Checked headers wait in a
-bounded tree; their blocks are requested from the peers that sent them, lowest first, at most
-`per_peer` in flight per peer and `window` blocks ahead of our tip. A request
-unanswered for `stall_timeout` marks its peer a staller, which the network
+cheap to check without their blocks: links, heights, the retarget rule, the timestamps,
+the miner's signature and the two lottery hashes (h1 ≤ t1, h2 ≤ the header's target), so
+a peer cannot make us fetch blocks for headers nobody did work for. Checked headers wait
+in a bounded tree; when it is full, the branch ending lowest makes room for a higher
+header. Their blocks are requested from the peers that sent them, lowest first, at most
+`per_peer` in flight per peer, `window` blocks ahead of our tip, and none while the
+blocks waiting for their parents hold `max_arrived_bytes`. A peer with requests out
+that delivers no block for `stall_timeout` is a staller, which the network
 disconnects; its requests go to the others. Blocks arrive in any order and are handed
 on parent first. New blocks are announced by `inv`; an unknown one is looked up with
 `getheaders` as well, so relay and catching up are one path.
@@ -26,6 +28,7 @@ from consensus.encoding import Hash
 from consensus.errors import ConsensusError
 from consensus.params import ChainParams
 from consensus.proofs import check_target, compute_posthash, compute_prehash
+from consensus.validation import compute_median_time_past
 from p2p.messages import MAX_HEADERS, MAX_LOCATOR, ProtocolError
 from p2p.peer import KnownSet, Peer
 from storage.chain import ChainStore
@@ -91,14 +94,16 @@ class _Request:
 class BlockSync:
     def __init__(self, params: ChainParams, store: ChainStore, *, window: int = 1024,
                  per_peer: int = 16, stall_timeout: float = 20.0,
-                 max_headers: int = 20_000) -> None:
+                 max_headers: int = 20_000, max_arrived_bytes: int = 256 << 20) -> None:
         self.params, self.store = params, store
         self.window, self.per_peer, self.stall_timeout = window, per_peer, stall_timeout
-        self.max_headers = max_headers
+        self.max_headers, self.max_arrived_bytes = max_headers, max_arrived_bytes
         self.headers: dict[Hash, BlockHeader] = {}  # checked headers of blocks we lack
         self.holders: dict[Hash, set[int]] = {}  # which peers sent each of those headers
         self.in_flight: dict[Hash, _Request] = {}
         self.arrived: dict[Hash, tuple[Block, Peer]] = {}  # blocks waiting for their parent
+        self.sizes: dict[Hash, int] = {}  # bytes of each block arrived or being added
+        self.delivered: dict[int, float] = {}  # peer id → when it last delivered a block
         self.adding: set[Hash] = set()  # blocks handed on and not yet done
         self.asked_headers: dict[int, float] = {}  # peer id → when we sent it getheaders
         self.invalid = KnownSet(10_000)  # ids of blocks (and headers) known bad
@@ -120,14 +125,19 @@ class BlockSync:
         """The height of the best header we know of (stored or waiting)."""
         return max([self.store.height, *(h.height for h in self.headers.values())])
 
-    def add_headers(self, peer: Peer, headers: tuple[BlockHeader, ...]) -> bool:
+    def add_headers(self, peer: Peer, headers: tuple[BlockHeader, ...],
+                    now: int | None = None) -> bool:
         """Check and keep the headers of a `headers` answer; True when the peer may have
         more (a full message whose last header was new). ProtocolError when the answer
-        was not asked for or the headers are bad; ConsensusError when one is invalid."""
+        was not asked for or the headers are bad; ConsensusError when one is invalid.
+        `now` is the local clock in seconds. A header too far ahead of it ends the
+        message with False: it may be valid later, so nothing is held against anyone."""
         if self.asked_headers.pop(peer.id, None) is None:
             raise ProtocolError("unrequested-headers", f"{len(headers)} headers")
+        now = int(time.time()) if now is None else now
         parent: BlockHeader | None = None
         new = False
+        evictable: list[tuple[int, Hash]] | None = None  # worked out once, when first full
         for header in headers:
             block_id = compute_block_id(header)
             if block_id in self.convicted or header.prev_id in self.convicted:
@@ -146,19 +156,61 @@ class BlockSync:
                 raise ConsensusError("bad-prevblk", "the parent is invalid")
             if header.target != self._expected_target(header.height, parent):
                 raise ConsensusError("bad-diffbits", "t2 does not follow the retarget rule")
+            stored = self.store.get_entry(block_id) is not None
+            if not stored and block_id not in self.headers:
+                full = len(self.headers) >= self.max_headers
+                if full and evictable is None:
+                    evictable = self._evictable(header.prev_id)
+                if full and (not evictable or evictable[-1][0] >= header.height):
+                    return False  # full of branches as high: ask again once blocks drain it
+                check_header_work(self.params, header)
+                median = self._median_time_past(parent)
+                if header.timestamp <= median:
+                    self.invalid.add(block_id)
+                    raise ConsensusError("time-too-old", f"{header.timestamp} <= median {median}")
+                if header.timestamp > now + self.params.max_future_time:
+                    return False  # Bitcoin Core's BLOCK_TIME_FUTURE: not cached, not punished
+                if full:
+                    assert evictable is not None
+                    self.done(evictable.pop()[1])
+                self.headers[block_id] = header
+                new = True
             peer.known_blocks.add(block_id)
             peer.best_height = max(peer.best_height, header.height)
             parent = header
-            if self.store.get_entry(block_id) is not None:
-                continue
-            if block_id not in self.headers:
-                if len(self.headers) >= self.max_headers:
-                    return False  # full: ask again once blocks have drained it
-                check_header_work(self.params, header)
-                self.headers[block_id] = header
-                new = True
-            self.holders.setdefault(block_id, set()).add(peer.id)
+            if not stored:
+                self.holders.setdefault(block_id, set()).add(peer.id)
         return len(headers) == MAX_HEADERS and new
+
+    def _median_time_past(self, parent: BlockHeader) -> int:
+        """The median time past that a header on `parent` must exceed, from the headers
+        below it (stored or waiting), as the store works it out for a block."""
+        times, header = [parent.timestamp], parent
+        while len(times) < self.params.median_time_span and header.height > 0:
+            below = self._header(header.prev_id)
+            assert below is not None  # every header here links down to genesis
+            times.append(below.timestamp)
+            header = below
+        return compute_median_time_past(times)
+
+    def _evictable(self, keep: Hash) -> list[tuple[int, Hash]]:
+        """Headers that may be forgotten to make room, as (the height of the highest leaf
+        above it, id), the last to go first: the branch ending lowest (the longest-chain
+        rule's measure, which headers alone can tell), each from its tip down, so the tree
+        stays connected. Never `keep`, a header whose block is in flight, arrived or being
+        added, or anything below those: one pass over the tree, for a whole message."""
+        protected: set[Hash] = set()
+        for block_id in (keep, *self.in_flight, *self.arrived, *self.adding):
+            while block_id in self.headers and block_id not in protected:
+                protected.add(block_id)
+                block_id = self.headers[block_id].prev_id
+        top: dict[Hash, int] = {}  # id → the height of the highest leaf above it
+        for block_id, header in sorted(self.headers.items(), key=lambda kv: -kv[1].height):
+            reach = top.setdefault(block_id, header.height)
+            top[header.prev_id] = max(top.get(header.prev_id, 0), reach)
+        order = sorted(((top[i], h.height, i) for i, h in self.headers.items()
+                        if i not in protected), key=lambda t: (-t[0], t[1]))
+        return [(reach, i) for reach, _, i in order]
 
     def _expected_target(self, height: int, parent: BlockHeader) -> int:
         """t2 of the block at `height` on `parent`, from the headers below it (stored or
@@ -192,6 +244,8 @@ class BlockSync:
         by_id = {p.id: p for p in peers}
         limit = self.store.height + self.window
         out: dict[Peer, list[Hash]] = {}
+        if sum(self.sizes.values()) >= self.max_arrived_bytes:
+            return out  # memory's worth of blocks wait for their parents: add those first
         wanted = sorted((h.height, i) for i, h in self.headers.items()
                         if h.height <= limit and i not in self.in_flight
                         and i not in self.arrived and i not in self.adding
@@ -207,14 +261,18 @@ class BlockSync:
             out.setdefault(peer, []).append(block_id)
         return out
 
-    def on_block(self, peer: Peer, block: Block) -> bool:
-        """Take a block that arrived; False when we did not ask `peer` for it."""
+    def on_block(self, peer: Peer, block: Block, size: int,
+                 now: float | None = None) -> bool:
+        """Take a block of `size` bytes that arrived; False when we did not ask `peer`
+        for it."""
         block_id = compute_block_id(block.header)
         request = self.in_flight.get(block_id)
         if request is None or request.peer is not peer:
             return False
         del self.in_flight[block_id]
         self.arrived[block_id] = (block, peer)
+        self.sizes[block_id] = size
+        self.delivered[peer.id] = time.monotonic() if now is None else now
         return True
 
     def not_found(self, peer: Peer, block_id: Hash) -> None:
@@ -237,6 +295,7 @@ class BlockSync:
     def done(self, block_id: Hash) -> None:
         """A block was added (or turned out to be known): it needs nothing more."""
         self.adding.discard(block_id)
+        self.sizes.pop(block_id, None)
         self.headers.pop(block_id, None)
         self.holders.pop(block_id, None)
 
@@ -273,9 +332,12 @@ class BlockSync:
     # -- peers -----------------------------------------------------------------------------
 
     def stallers(self, now: float | None = None) -> list[Peer]:
-        """Peers sitting on a block or headers request for longer than the stall timeout."""
+        """Peers with blocks in flight that have delivered none for the stall timeout
+        (counted from the request, or from its last block: a peer sending big blocks
+        one after the other is slow for each, not stalling)."""
         now = time.monotonic() if now is None else now
-        late = {r.peer for r in self.in_flight.values() if now - r.sent > self.stall_timeout}
+        late = {r.peer for r in self.in_flight.values()
+                if now - max(r.sent, self.delivered.get(r.peer.id, 0.0)) > self.stall_timeout}
         return list(late)
 
     def late_headers(self, peers: dict[int, Peer], now: float | None = None) -> list[Peer]:
@@ -286,6 +348,7 @@ class BlockSync:
     def forget_peer(self, peer: Peer) -> None:
         """A peer left: its requests go back in the queue, and it holds nothing."""
         self.asked_headers.pop(peer.id, None)
+        self.delivered.pop(peer.id, None)
         for block_id in [i for i, r in self.in_flight.items() if r.peer is peer]:
             del self.in_flight[block_id]
         for holders in self.holders.values():

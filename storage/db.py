@@ -49,6 +49,11 @@ class Database:
     def get(self, key: bytes) -> bytes | None:
         return self.db.get(key)
 
+    def has(self, key: bytes) -> bool:
+        """Whether `key` is stored, without reading its value (a checkpoint runs to MiBs)."""
+        with self.db.iterator(start=key, stop=key + b"\0", include_value=False) as keys:
+            return next(keys, None) is not None
+
     def iterate(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         return self.db.iterator(prefix=prefix)
 

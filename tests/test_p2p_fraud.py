@@ -9,6 +9,7 @@ with t2 at its maximum), so that the forger's block costs no lottery.
 """
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,13 +19,28 @@ import numpy as np
 import pytest
 
 from consensus.blocks import compute_block_id
-from consensus.checkpoints import FraudProof
+from consensus.encoding import encode
 from consensus.params import genesis_block
+from consensus.seal import MissingArtifact
 from mining.htoa import compute_htoa
 from mining.miner import Solution
 from mining.trainer import DeviceData
+from mining.verifier import Verdict
 from node.config import Config
 from node.node import Node
+from p2p.framing import ConnectionClosed, FrameError, encode_frame, read_frame
+from p2p.handshake import handshake
+from p2p.messages import (
+    CHUNK_SIZE,
+    MAX_CONTROL,
+    PROTOCOL_VERSION,
+    CkptChunk,
+    FraudNotice,
+    GetCkpt,
+    Version,
+    decode_payload,
+    encode_payload,
+)
 from storage.schema import STATUS_INVALID
 from tests.forge import EASY, TASK, commit, count_correct, find_nonce, sign_block, train
 from tests.test_verifier import ALL, FORGER, HONEST, Run, forge_middle
@@ -129,8 +145,45 @@ async def test_a_fraud_proof_that_does_not_hold_changes_nothing(start, data):
     await x.on_chain_thread(honest.publish, x.artifacts)
     await x.submit_block(block)
     # The fraud proof accuses an honest interval: it replays, so it proves nothing.
-    lie = FraudProof(compute_block_id(block.header), honest.checkpoint(0), honest.checkpoint(1))
-    assert await x.apply_fraud_proof(lie) is False
+    assert await x.apply_fraud_proof(compute_block_id(block.header), 0) is Verdict.REFUTED
     assert x.store.tip_id == compute_block_id(block.header)
-    assert await x.apply_fraud_proof(
-        FraudProof(bytes(32), honest.checkpoint(0), honest.checkpoint(1))) is None  # unknown
+    assert await x.apply_fraud_proof(bytes(32), 0) is None  # unknown
+    with pytest.raises(MissingArtifact):  # the accused has no such interval here
+        await x.apply_fraud_proof(compute_block_id(block.header), len(honest.tensors))
+
+
+@pytest.mark.parametrize("accuser", ["serves-the-honest-interval", "serves-nothing"])
+async def test_a_false_fraud_notice_gets_its_sender_banned(start, data, accuser):
+    """A peer accuses an honest block's first interval. x lacks the checkpoints, fetches
+    them from the accuser, and finds the interval replays (or gets nothing): either way
+    the accuser is banned and the block stays."""
+    honest = honest_solution(data)
+    block = sign_block(GENESIS, honest, HONEST, timestamp=int(time.time()))
+    block_id, root = compute_block_id(block.header), honest.proof.ckpt_root
+    x = await start("x", 0)
+    await x.on_chain_thread(honest.publish, x.artifacts)
+    await x.submit_block(block)
+    x.artifacts.prune_checkpoints(root)  # a relay keeps only what it audited
+    serves = accuser == "serves-the-honest-interval"
+    streams = await asyncio.open_connection("127.0.0.1", x.config.p2p_port,
+                                            local_addr=("127.0.0.2", 0))
+    ours = Version(PROTOCOL_VERSION, GENESIS_ID, 0, 0, 7, b"/accuser/")
+    await handshake(*streams, EASY, ours=ours, timeout=TIMEOUT, max_payload=MAX_CONTROL)
+    streams[1].write(encode_frame(EASY.magic, *encode_payload(FraudNotice(block_id, 0))))
+    asked = set()
+    with contextlib.suppress(ConnectionClosed, FrameError):
+        while True:  # answer x's requests until it hangs up
+            kind, payload = await read_frame(streams[0], EASY.magic,
+                                             max_payload=MAX_CONTROL, timeout=TIMEOUT)
+            msg = decode_payload(kind, payload)
+            if isinstance(msg, GetCkpt):
+                asked.add(msg.index)
+                raw = encode(honest.checkpoint(msg.index)) if serves else b""
+                streams[1].write(encode_frame(EASY.magic, *encode_payload(CkptChunk(
+                    root, msg.index, msg.offset, len(raw), raw[msg.offset:][:CHUNK_SIZE]))))
+    assert asked == {0, 1}  # both ends, asked of the accuser at once
+    assert x.network is not None
+    [(host, _, reason)] = x.network.book.bans()
+    assert host == "127.0.0.2"
+    assert reason == ("bad-fraud-proof" if serves else "fraud-proof-unbacked")
+    assert x.store.tip_id == block_id

@@ -170,6 +170,29 @@ async def test_peer_that_reads_is_not_dropped_however_much_is_sent(wires: Wires)
     assert a.alive and a.bytes_sent > 20 * bound
 
 
+async def test_room_paces_a_sender_to_its_reader(wires: Wires) -> None:
+    """A sender that waits for room (as getdata's blocks do) is held back while its
+    reader does not read, is not dropped, and gets everything through once it does."""
+    bound = 256 << 10
+    a, b = await wires.peers(send_queue_bytes=bound)
+    msg = Inv(tuple(InvItem(INV_TX, h) for h in block_ids(MAX_INV)))
+    frame = len(encode_payload(msg)[1]) + HEADER.size
+    count = 200  # ~7 MB: far beyond the bound and what a socketpair buffers
+
+    async def sender() -> None:
+        for _ in range(count):
+            await a.room(frame)
+            a.send(msg)
+
+    task = asyncio.ensure_future(sender())
+    await asyncio.sleep(0.2)
+    assert not task.done() and a.alive  # held back, not dropped
+    for i in range(count):
+        assert await b.receive(SLOW) == msg, i
+    await asyncio.wait_for(task, SLOW)
+    assert a.alive and a.bytes_sent == count * frame
+
+
 async def test_one_frame_larger_than_the_bound_closes_at_once(wires: Wires) -> None:
     a, _b = await wires.peers(send_queue_bytes=1000)
     a.send(ModelChunk(tagged_hash("m", 0), 0, 2000, bytes(2000)))

@@ -30,6 +30,7 @@ from tests.builder import MINER, ChainBuilder, funded_params, transfer
 
 ALICE = PrivateKey(bytes([2]) * 32)
 BOB = PrivateKey(bytes([3]) * 32)
+SIZE = 1000  # bytes of a block as it arrived
 SYNC = funded_params(replace(DEV, t1=MAX_TARGET, t2_genesis=MAX_TARGET), ALICE)
 
 
@@ -72,10 +73,11 @@ def add_all(store: ChainStore, blocks: list[Block]) -> None:
         store.add_block(block)
 
 
-def answered(sync: BlockSync, peer: FakePeer, hs: tuple[BlockHeader, ...]) -> bool:
+def answered(sync: BlockSync, peer: FakePeer, hs: tuple[BlockHeader, ...],
+             now: int | None = None) -> bool:
     """add_headers for an answer to a getheaders we sent."""
     assert sync.want_headers(peer)  # type: ignore[arg-type]
-    return sync.add_headers(peer, hs)  # type: ignore[arg-type]
+    return sync.add_headers(peer, hs, now)  # type: ignore[arg-type]
 
 
 def consensus_reason(sync: BlockSync, peer: FakePeer, hs: tuple[BlockHeader, ...]) -> str:
@@ -378,7 +380,7 @@ def test_requests_lowest_first_up_to_per_peer(store: ChainStore,
     sync, blocks = synced(store, builder, 20, a, per_peer=6)
     assert sync.requests([a], now=0.0) == {a: ids(blocks[:6])}  # type: ignore[list-item]
     assert sync.requests([a], now=0.0) == {}  # its six are in flight
-    assert sync.on_block(a, blocks[2])  # type: ignore[arg-type]
+    assert sync.on_block(a, blocks[2], SIZE)  # type: ignore[arg-type]
     assert sync.requests([a], now=0.0) == {a: ids(blocks[6:7])}  # type: ignore[list-item]
 
 
@@ -420,10 +422,10 @@ def test_block_from_a_peer_not_asked_is_refused(store: ChainStore,
     sync, blocks = synced(store, builder, 3, a, b, per_peer=1)
     out = sync.requests([a, b], now=0.0)  # type: ignore[list-item]
     assert out == {a: [bid(blocks[0])], b: [bid(blocks[1])]}
-    assert not sync.on_block(b, blocks[0])  # type: ignore[arg-type]  # asked of a
-    assert not sync.on_block(a, blocks[2])  # type: ignore[arg-type]  # asked of nobody
-    assert sync.on_block(a, blocks[0])  # type: ignore[arg-type]
-    assert not sync.on_block(a, blocks[0])  # type: ignore[arg-type]  # not twice
+    assert not sync.on_block(b, blocks[0], SIZE)  # type: ignore[arg-type]  # asked of a
+    assert not sync.on_block(a, blocks[2], SIZE)  # type: ignore[arg-type]  # asked of nobody
+    assert sync.on_block(a, blocks[0], SIZE)  # type: ignore[arg-type]
+    assert not sync.on_block(a, blocks[0], SIZE)  # type: ignore[arg-type]  # not twice
 
 
 def test_blocks_are_handed_on_parent_first_and_once(store: ChainStore,
@@ -432,9 +434,9 @@ def test_blocks_are_handed_on_parent_first_and_once(store: ChainStore,
     sync, blocks = synced(store, builder, 5, a)
     assert sync.requests([a], now=0.0) == {a: ids(blocks)}  # type: ignore[list-item]
     for block in reversed(blocks[1:]):
-        assert sync.on_block(a, block)  # type: ignore[arg-type]
+        assert sync.on_block(a, block, SIZE)  # type: ignore[arg-type]
         assert sync.next_ready() is None  # block 1 is missing: nothing can be added
-    assert sync.on_block(a, blocks[0])  # type: ignore[arg-type]
+    assert sync.on_block(a, blocks[0], SIZE)  # type: ignore[arg-type]
     order = []
     while (item := sync.next_ready()) is not None:
         block, peer = item
@@ -446,6 +448,39 @@ def test_blocks_are_handed_on_parent_first_and_once(store: ChainStore,
         order.append(bid(block))
     assert order == ids(blocks)
     assert not sync.headers and not sync.in_flight and not sync.arrived and not sync.adding
+
+
+def test_a_peer_delivering_big_blocks_one_by_one_is_not_a_staller(
+        store: ChainStore, builder: ChainBuilder) -> None:
+    """Four blocks asked at once, each taking 15 s to arrive: 60 s for the last, yet the
+    peer delivered within every stall timeout; once it stops delivering, it stalls."""
+    a = FakePeer(1)
+    sync, blocks = synced(store, builder, 4, a, stall_timeout=20.0)
+    assert sync.requests([a], now=0.0) == {a: ids(blocks)}  # type: ignore[list-item]
+    for i, block in enumerate(blocks[:3], start=1):
+        assert sync.stallers(now=15.0 * i - 1) == []
+        assert sync.on_block(a, block, SIZE, now=15.0 * i)  # type: ignore[arg-type]
+    assert sync.stallers(now=64.0) == []
+    assert sync.stallers(now=66.0) == [a]  # nothing for 21 s
+
+
+def test_no_requests_while_arrived_blocks_fill_the_memory_budget(
+        store: ChainStore, builder: ChainBuilder) -> None:
+    a = FakePeer(1)
+    sync, blocks = synced(store, builder, 6, a, per_peer=2, max_arrived_bytes=3 * SIZE)
+    assert sync.requests([a], now=0.0) == {a: ids(blocks[:2])}  # type: ignore[list-item]
+    for block, after in ((blocks[1], blocks[2]), (blocks[2], blocks[3])):  # blocks[0] lags
+        assert sync.on_block(a, block, SIZE)  # type: ignore[arg-type]
+        assert sync.requests([a], now=0.0) == {a: [bid(after)]}  # type: ignore[list-item]
+    assert sync.on_block(a, blocks[3], SIZE)  # type: ignore[arg-type]
+    assert sync.requests([a], now=0.0) == {}  # type: ignore[list-item]  # 3 × SIZE waiting
+    assert sync.on_block(a, blocks[0], SIZE)  # type: ignore[arg-type]
+    for room in (False, True):  # added: 3 × SIZE still arrived; then 2 × SIZE
+        block, _ = sync.next_ready()  # type: ignore[misc]
+        store.add_block(block)
+        sync.done(bid(block))
+        assert sync.requests([a], now=0.0) == (  # type: ignore[list-item]
+            {a: ids(blocks[4:6])} if room else {})
 
 
 def test_not_found_asks_another_holder(store: ChainStore, builder: ChainBuilder) -> None:
@@ -500,7 +535,7 @@ def test_reject_drops_and_marks_every_descendant(store: ChainStore,
     answered(sync, a, headers(blocks[:2] + side))
     sync.requests([a], now=0.0)  # type: ignore[list-item]
     for block in blocks[:5]:  # block 6 stays in flight
-        assert sync.on_block(a, block)  # type: ignore[arg-type]
+        assert sync.on_block(a, block, SIZE)  # type: ignore[arg-type]
     for block in blocks[:2]:
         item = sync.next_ready()
         assert item is not None and item[0] == block
@@ -529,7 +564,7 @@ def test_drop_forgets_without_marking_invalid(store: ChainStore,
     sync, blocks = synced(store, builder, 5, a)
     sync.requests([a], now=0.0)  # type: ignore[list-item]
     for block in blocks:
-        assert sync.on_block(a, block)  # type: ignore[arg-type]
+        assert sync.on_block(a, block, SIZE)  # type: ignore[arg-type]
     item = sync.next_ready()
     assert item is not None and bid(item[0]) == bid(blocks[0])
     sync.drop(bid(blocks[0]))  # its artifacts could not be had
@@ -599,8 +634,97 @@ def test_a_late_answer_to_a_dropped_request_is_marked_cancelled(
     peer = FakePeer(1)
     answered(sync, peer, headers(blocks))
     sync.requests([peer], now=0.0)  # type: ignore[list-item]
-    assert sync.on_block(peer, blocks[0])  # type: ignore[arg-type]
+    assert sync.on_block(peer, blocks[0], SIZE)  # type: ignore[arg-type]
     assert sync.next_ready() is not None
     sync.drop(bid(blocks[0]))  # its artifacts could not be had
     assert bid(blocks[1]) in sync.cancelled and bid(blocks[2]) in sync.cancelled
-    assert not sync.on_block(peer, blocks[1])  # type: ignore[arg-type]
+    assert not sync.on_block(peer, blocks[1], SIZE)  # type: ignore[arg-type]
+
+
+# --- found in review: cheap headers filled the tree -----------------------------------
+
+def test_header_not_after_the_median_time_past_is_invalid(store: ChainStore,
+                                                          builder: ChainBuilder) -> None:
+    """The median of the 11 headers below (stored and waiting alike) must be passed."""
+    blocks = builder.chain(builder.genesis_id, 12)  # 5 s apart
+    add_all(store, blocks[:6])
+    sync = BlockSync(SYNC, store)
+    answered(sync, FakePeer(1), headers(blocks[6:]))
+    median = blocks[6].header.timestamp  # of heights 2..12, the middle one
+    at = builder.extend(bid(blocks[-1]), dt=median - blocks[-1].header.timestamp).header
+    assert at.timestamp == median
+    assert consensus_reason(sync, FakePeer(1), (at,)) == "time-too-old"
+    assert compute_block_id(at) in sync.invalid and compute_block_id(at) not in sync.headers
+    assert consensus_reason(sync, FakePeer(2), (at,)) == "bad-prevblk"  # known invalid
+    after = builder.extend(bid(blocks[-1]), dt=median + 1 - blocks[-1].header.timestamp)
+    answered(sync, FakePeer(1), (after.header,))
+    assert bid(after) in sync.headers
+
+
+def test_header_too_far_ahead_of_the_clock_waits_without_blame(
+        store: ChainStore, builder: ChainBuilder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bitcoin Core's BLOCK_TIME_FUTURE: the header may be valid later, so the headers
+    before it are kept and no more are asked for, but it is neither punished nor cached."""
+    monkeypatch.setattr(sync_module, "MAX_HEADERS", 5)
+    blocks = builder.chain(builder.genesis_id, 3)
+    blocks += builder.chain(bid(blocks[-1]), 2, dt=100)
+    now = blocks[3].header.timestamp - SYNC.max_future_time - 1  # the 4th is 1 s too new
+    sync, peer = BlockSync(SYNC, store), FakePeer(1)
+    assert answered(sync, peer, headers(blocks), now) is False  # full, but stop asking
+    assert set(sync.headers) == set(ids(blocks[:3]))
+    assert not any(i in sync.invalid for i in ids(blocks))
+    assert peer.best_height == 3
+    assert answered(sync, peer, headers(blocks), now + 1) is False  # the 5th is too new now
+    assert set(sync.headers) == set(ids(blocks[:4]))
+    assert answered(sync, peer, headers(blocks), now + 101) is True  # all in: maybe more
+    assert set(sync.headers) == set(ids(blocks)) and peer.best_height == 5
+
+
+def test_full_tree_evicts_the_lowest_branch_for_a_higher_header(
+        store: ChainStore, builder: ChainBuilder, monkeypatch: pytest.MonkeyPatch) -> None:
+    main = builder.chain(builder.genesis_id, 6)
+    low = builder.chain(builder.genesis_id, 2, dt=7)  # ends at 2
+    mid = builder.chain(builder.genesis_id, 3, dt=9)  # ends at 3
+    busy = builder.chain(builder.genesis_id, 1, dt=11)  # ends at 1, its block in flight
+    sync = BlockSync(SYNC, store, max_headers=9)
+    a, b, c = FakePeer(1), FakePeer(2), FakePeer(3)
+    answered(sync, a, headers(main[:3]))
+    answered(sync, b, headers(low))
+    answered(sync, b, headers(mid))
+    answered(sync, c, headers(busy))
+    assert sync.requests([c], now=0.0) == {c: ids(busy)}  # type: ignore[list-item]
+    assert len(sync.headers) == 9
+    plans: list[Hash] = []
+    evictable = sync._evictable
+
+    def counted(keep: Hash) -> list[tuple[int, Hash]]:
+        plans.append(keep)
+        return evictable(keep)
+
+    monkeypatch.setattr(sync, "_evictable", counted)
+    assert answered(sync, a, headers(main[3:5])) is False
+    assert plans == [bid(main[2])]  # the tree was sorted out once for the whole message
+    assert set(sync.headers) == set(ids(main[:5] + mid + busy))
+    assert not set(ids(low)) & set(sync.holders)
+    assert not any(i in sync.invalid for i in ids(low))  # forgotten, not convicted
+    answered(sync, a, headers(main[5:]))  # at 6, above the branch ending at 3: tip first
+    assert set(sync.headers) == set(ids(main + mid[:2] + busy))
+    assert sync.requests([a, b, c], now=0.0) == {  # type: ignore[list-item]
+        a: ids(main), b: ids(mid[:2])}
+
+
+def test_full_tree_of_higher_or_busy_branches_refuses(store: ChainStore,
+                                                      builder: ChainBuilder) -> None:
+    ours = builder.chain(builder.genesis_id, 3)
+    add_all(store, ours[:2])
+    high = builder.chain(builder.genesis_id, 3, dt=7)  # ends at 3: as high as ours[2]
+    busy = builder.chain(builder.genesis_id, 2, dt=9)  # ends at 2, lower, but fetching
+    sync = BlockSync(SYNC, store, max_headers=5)
+    a, b = FakePeer(1), FakePeer(2)
+    answered(sync, a, headers(high))
+    answered(sync, b, headers(busy))
+    assert sync.requests([b], now=0.0) == {b: ids(busy)}  # type: ignore[list-item]
+    assert sync.on_block(b, busy[0], SIZE)  # type: ignore[arg-type]  # arrived, the other in flight
+    before = set(sync.headers)
+    assert answered(sync, FakePeer(3), (ours[2].header,)) is False
+    assert set(sync.headers) == before and bid(ours[2]) not in sync.holders

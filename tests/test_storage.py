@@ -64,6 +64,17 @@ def test_second_open_is_refused_with_clear_error(tmp_path):
     Database(tmp_path).close()  # released on close
 
 
+def test_has_matches_exactly_one_key(tmp_path):
+    with Database(tmp_path) as db:
+        db.db.put(b"ab", b"1")
+        db.db.put(b"ab\0", b"2")
+        db.db.put(b"abc", b"3")
+        assert [db.has(k) for k in (b"a", b"ab", b"ab\0", b"abc", b"abd", b"b")] == [
+            False, True, True, True, False, False]
+        db.db.delete(b"ab")
+        assert not db.has(b"ab")  # a longer key after it is not it
+
+
 def test_linear_chain_with_transfers_matches_replay(tmp_path):
     builder = ChainBuilder(PARAMS)
     parent, nonce = builder.genesis_id, 0

@@ -33,8 +33,15 @@ from consensus.transactions import ModelTx, sign_tx
 from mining.artifacts import MemoryArtifacts
 from mining.htoa import Draw, compute_htoa, draw_init
 from mining.miner import Job, Reference, Solution, mine
-from mining.trainer import DataCache, DeviceData, Trainer, compute_update_norm, to_bytes
-from mining.verifier import DPoDLEngine, FraudFound
+from mining.trainer import (
+    DataCache,
+    DeviceData,
+    Trainer,
+    compute_update_norm,
+    from_bytes,
+    to_bytes,
+)
+from mining.verifier import DPoDLEngine, FraudFound, Verdict, compute_replay_distance
 from mining.watermark import Signature
 from storage import schema
 from storage.artifacts import ArtifactStore
@@ -588,6 +595,14 @@ def fabricate(run: Run, i: int, how: str, data: DeviceData) -> State:
         return stamp(run.draw, p + 3 * (p - p_prev)), m
     if how == "nudged":
         return stamp(run.draw, p + 0.5 * (p - p_prev)), m
+    if how == "near-delta":  # off its replay by 3/4 of delta: it passes, but barely
+        replay = train(run.draw, data, run.states[i], i * K, 1)[-1]
+
+        def off(scale: float) -> State:
+            return stamp(run.draw, replay[0] + scale * (p - p_prev)), replay[1]
+
+        distance = max(compute_replay_distance(run.draw.hpp, replay, off(1.0)))
+        return off(0.75 * TASK.delta_ppm / 1e6 / distance)
     assert how == "overtrained"
     return train(run.draw, data, run.states[i], i * K, 3)[-1]
 
@@ -765,7 +780,7 @@ def test_fraud_proof_convinces_an_independent_engine(hidden, fraud):
     the fraud proof by replaying that one interval."""
     stranger = DPoDLEngine(MemoryArtifacts(), DataCache(), q_local=0)
     assert stranger.check_fraud_proof(EASY, hidden.prev_id, hidden.solution.proof, TASK,
-                                      fraud) is True
+                                      fraud) is Verdict.HOLDS
 
 
 @pytest.mark.parametrize("interval", ["first", "after-the-forgery"])
@@ -776,7 +791,7 @@ def test_fraud_proof_about_an_honest_interval_is_refused(cache, hidden, interval
                             solution.checkpoint(i + 1))
     stranger = DPoDLEngine(MemoryArtifacts(), cache, q_local=0)
     assert stranger.check_fraud_proof(EASY, hidden.prev_id, solution.proof, TASK,
-                                      accusation) is False
+                                      accusation) is Verdict.REFUTED
 
 
 @pytest.mark.parametrize("tamper", ["sibling-zeroed", "another-leafs-path", "path-truncated",
@@ -795,7 +810,7 @@ def test_fraud_proof_with_a_bad_merkle_path_is_refused(cache, hidden, fraud, tam
     accusation = replace(fraud, start=replace(fraud.start, path=path))
     stranger = DPoDLEngine(MemoryArtifacts(), cache, q_local=0)
     assert stranger.check_fraud_proof(EASY, hidden.prev_id, hidden.solution.proof, TASK,
-                                      accusation) is False
+                                      accusation) is Verdict.REFUTED
 
 
 def test_fraud_proof_with_tensors_the_miner_did_not_commit_is_refused(cache, hidden):
@@ -808,7 +823,7 @@ def test_fraud_proof_with_tensors_the_miner_did_not_commit_is_refused(cache, hid
                             replace(end, params=altered))
     stranger = DPoDLEngine(MemoryArtifacts(), cache, q_local=0)
     assert stranger.check_fraud_proof(EASY, hidden.prev_id, solution.proof, TASK,
-                                      accusation) is False
+                                      accusation) is Verdict.REFUTED
 
 
 @pytest.mark.parametrize("wrong", ["not-consecutive", "another-block"])
@@ -821,7 +836,23 @@ def test_fraud_proof_that_does_not_fit_the_accused_block_is_refused(
         accusation, proof = fraud, honest.proof
     stranger = DPoDLEngine(MemoryArtifacts(), cache, q_local=0)
     assert stranger.check_fraud_proof(EASY, hidden.prev_id, proof, TASK,
-                                      accusation) is False
+                                      accusation) is Verdict.REFUTED
+
+
+def test_fraud_proof_about_an_interval_replaying_near_delta_is_inconclusive(cache, data, run):
+    """Interval 4 replays 3/4 of delta away: valid here, yet another device's rounding
+    could take it past delta, so a fraud proof of it neither convicts nor is a lie."""
+    solution = forge_middle(run, 4, "near-delta", data, understate=False)
+    replayed = train(run.draw, data, run.states[4], 4 * K, 1)[-1]
+    committed = tuple(from_bytes(t) for t in solution.tensors[5])
+    distance = max(compute_replay_distance(run.draw.hpp, replayed, committed))
+    assert 0.5 < distance * 1e6 / TASK.delta_ppm < 1.0
+    verify(cache, solution, q_local=ALL)  # every interval replays within delta
+    accusation = FraudProof(compute_block_id(header_of(solution)), solution.checkpoint(4),
+                            solution.checkpoint(5))
+    stranger = DPoDLEngine(MemoryArtifacts(), cache, q_local=0)
+    assert stranger.check_fraud_proof(EASY, GENESIS_ID, solution.proof, TASK,
+                                      accusation) is Verdict.INCONCLUSIVE
 
 
 def test_fraud_proof_invalidates_block_and_descendants_in_the_chain_store(
@@ -862,7 +893,8 @@ def test_fraud_proof_invalidates_block_and_descendants_in_the_chain_store(
     assert fraud.owner_id == f_id
     header = store.get_header(fraud.owner_id)
     stranger = DPoDLEngine(MemoryArtifacts(), DataCache(), q_local=0)
-    assert stranger.check_fraud_proof(EASY, header.prev_id, header.proof, TASK, fraud)
+    assert stranger.check_fraud_proof(EASY, header.prev_id, header.proof, TASK,
+                                      fraud) is Verdict.HOLDS
 
     result = store.invalidate_block(fraud.owner_id)
     assert result.status == "connected"
@@ -927,7 +959,8 @@ def test_pretrained_model_with_understated_norm_is_caught_by_a_private_audit(
     fraud = exc.value.proof
     assert (fraud.start.leaf.index, fraud.end.leaf.index) == (0, 1)
     stranger = DPoDLEngine(MemoryArtifacts(), DataCache(), q_local=0)
-    assert stranger.check_fraud_proof(EASY, GENESIS_ID, solution.proof, TASK, fraud) is True
+    assert stranger.check_fraud_proof(EASY, GENESIS_ID, solution.proof, TASK,
+                                      fraud) is Verdict.HOLDS
 
 
 # ---------------------------------------------------------------------------------------
@@ -1380,9 +1413,10 @@ def test_a_fraud_proof_that_holds_forgets_the_passes_of_the_proof(cache, hidden,
     assert eng.validate_block_seal(EASY, hidden.header, TASK) is None  # remembered
     solution, prev_id = hidden.solution, hidden.prev_id
     honest_interval = FraudProof(fraud.owner_id, solution.checkpoint(0), solution.checkpoint(1))
-    assert eng.check_fraud_proof(EASY, prev_id, solution.proof, TASK, honest_interval) is False
+    assert eng.check_fraud_proof(EASY, prev_id, solution.proof, TASK,
+                                 honest_interval) is Verdict.REFUTED
     assert eng.validate_block_seal(EASY, hidden.header, TASK) is None  # still remembered
-    assert eng.check_fraud_proof(EASY, prev_id, solution.proof, TASK, fraud) is True
+    assert eng.check_fraud_proof(EASY, prev_id, solution.proof, TASK, fraud) is Verdict.HOLDS
     with pytest.raises(FraudFound):
         eng.validate_block_seal(EASY, hidden.header, TASK)
     with pytest.raises(FraudFound):
