@@ -47,7 +47,12 @@ Punish = Callable[[Peer, str], None]
 
 
 class FetchFailed(Exception):
-    """No peer could supply the artifact."""
+    """No peer could supply the artifact; `refused` are the peers that said they do not
+    have it (rather than timing out or going away)."""
+
+    def __init__(self, message: str, need: Need, refused: list[Peer]) -> None:
+        super().__init__(message)
+        self.need, self.refused = need, refused
 
 
 def need_of(msg: GetModel | GetCkpt | Chunk) -> Need:
@@ -118,11 +123,14 @@ class Fetcher:
         await asyncio.shield(download)
 
     async def _download(self, need: Need, peers: list[Peer]) -> None:
+        refused: list[Peer] = []
         for peer in peers:
             if not peer.alive:
                 continue
             data = await self._download_from(peer, need)
-            if data is None:
+            if not data:
+                if data == b"":
+                    refused.append(peer)
                 continue
             try:
                 await asyncio.to_thread(self._store, need, data)
@@ -132,11 +140,11 @@ class Fetcher:
                 continue
             self.fetched += 1
             return
-        raise FetchFailed(f"no peer supplied {need.kind} {need.key.hex()}")
+        raise FetchFailed(f"no peer supplied {need.kind} {need.key.hex()}", need, refused)
 
     async def _download_from(self, peer: Peer, need: Need) -> bytes | None:
-        """The artifact's bytes from `peer`, or None when it has not got them (or is
-        too slow, or gone)."""
+        """The artifact's bytes from `peer`; b"" when it says it has not got them, None
+        when it is too slow, gone, or served something wrong."""
         parts: list[bytes] = []
         offset, total = 0, None
         deadline = None  # once the size is known: the timeout plus MIN_RATE for the bytes
@@ -161,7 +169,7 @@ class Fetcher:
                 return None  # the peer went away
             piece = future.result()
             if piece.total == 0:
-                return None
+                return b""
             if total is None:
                 total = piece.total
                 if total > MAX_ARTIFACT[need.kind]:

@@ -645,6 +645,7 @@ class Network:
                                              self._sources_of(missing.needs, peer, block_id))
                 except FetchFailed as e:
                     log.info("block %s from %r not checked: %s", block_id.hex(), peer, e)
+                    self._punish_withholding(peer, e)
                     break
                 continue
             except FraudFound as fraud:
@@ -669,6 +670,13 @@ class Network:
                 self._check_parked(block_id)
             return
         self.sync.drop(block_id)
+
+    def _punish_withholding(self, peer: Peer, failed: FetchFailed) -> None:
+        """A peer that sent a block or mtx and then says it lacks the model or history
+        its proof names misbehaves: it could not have checked what it relayed. (Not so
+        for checkpoints: a relay keeps only some and may fail to fetch the rest.)"""
+        if failed.need.kind != "checkpoint" and peer in failed.refused:
+            self.punish(peer, f"withheld-{failed.need.kind}")
 
     async def _prefetch(self, block: Block, peer: Peer) -> None:
         """Fetch the models and histories the block's proofs name, then the checkpoints
@@ -706,6 +714,7 @@ class Network:
                     await self.fetcher.fetch(missing.needs, self._sources_of(missing.needs, peer))
                 except FetchFailed as e:
                     log.info("tx %s from %r not checked: %s", tx_id.hex(), peer, e)
+                    self._punish_withholding(peer, e)
                     return
                 continue
             except FraudFound as fraud:

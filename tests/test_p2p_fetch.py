@@ -248,8 +248,10 @@ async def test_fetch_fails_when_no_peer_has_it(net: Net, solution: Solution) -> 
     cb, _ = await net.link(c, b)
     cd, _ = await net.link(c, d)
     need = ckpt_need(solution, 1)
-    with pytest.raises(FetchFailed):
+    with pytest.raises(FetchFailed) as failed:
         await c.fetch([need], [cb, cd])
+    assert failed.value.need.kind == "history"  # asked first: the checkpoint needs it
+    assert failed.value.refused == [cb, cd]  # both said they lack it
     assert len(b.asked) == len(d.asked) == 1
     with pytest.raises(FetchFailed):
         await c.fetch([need], [])
@@ -496,3 +498,13 @@ async def test_a_server_that_trickles_chunks_is_closed_at_the_rate_deadline(
     await c.fetch([need], [cs, ca])
     assert cs.close_reason is not None and "slower than" in cs.close_reason
     assert not c.punished and c.have(need)  # slow is not malicious; a served it
+
+
+async def test_a_staller_is_not_counted_as_refusing(net: Net, solution: Solution) -> None:
+    """Only a peer that answers "not here" refuses; one that says nothing stalls."""
+    s, c = net.node("s"), net.node("c", timeout=0.3)
+    s.answer = lambda r: None
+    cs, _ = await net.link(c, s)
+    with pytest.raises(FetchFailed) as failed:
+        await c.fetch([model_need(solution)], [cs])
+    assert failed.value.refused == [] and not cs.alive
