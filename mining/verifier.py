@@ -101,11 +101,12 @@ class Verdict(Enum):
 
 
 class FraudFound(ConsensusError):
-    """A private audit caught a forged interval; `proof` shows it to everyone else."""
+    """A private audit caught a forged interval; `proof` shows it to everyone else, and
+    `ckpt_root` is the root of the history it is about."""
 
-    def __init__(self, detail: str, proof: FraudProof) -> None:
+    def __init__(self, detail: str, proof: FraudProof, ckpt_root: Hash) -> None:
         super().__init__("bad-replay", detail)
-        self.proof = proof
+        self.proof, self.ckpt_root = proof, ckpt_root
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,7 +447,8 @@ class DPoDLEngine:
                 self._audit(trainer, task, start, end)
             except ConsensusError as e:
                 raise FraudFound(f"private audit of interval {i}: {e.reason}: {e.detail}",
-                                 FraudProof(subject.owner_id, start, end)) from e
+                                 FraudProof(subject.owner_id, start, end),
+                                 subject.proof.ckpt_root) from e
 
     def _audit(self, trainer: Trainer, task: Task, start: Checkpoint, end: Checkpoint) -> float:
         """Replay one interval from `start` and compare with `end` (PROTOCOL.md §8.7);

@@ -5,7 +5,7 @@ Sources, lowest precedence first:
 1. defaults per network (the ports are the network's own, from consensus/params.py);
 2. `dpodl.toml` in the data directory, with the keys network, rpc_bind, rpc_port,
    p2p_bind, p2p_port, listen, peers (a list of "HOST:PORT"), mine, miner_key, device,
-   datasets, rpcauth (a list of rpcauth lines) and log_level;
+   datasets, rpcauth (a list of rpcauth lines), log_level and keep_checkpoints;
 3. environment variables DPODL_<KEY> (DPODL_RPC_PORT, DPODL_RPCAUTH, ...) and
    DPODL_DATADIR: lists (DPODL_PEERS, DPODL_RPCAUTH) are comma-separated, DPODL_MINE and
    DPODL_LISTEN are 1/0/true/false/yes/no, and a variable set to "" counts as unset;
@@ -37,6 +37,15 @@ from node.logs import LOG_LEVELS
 
 DEFAULT_NETWORK = "dev"
 DEVICES = ("cpu", "cuda")
+# Blocks whose checkpoints a node keeps (storage/retention.py). 32 blocks span a reorg far
+# deeper than the fork rule makes in practice and let a node that was away for 32 blocks
+# (under 3 minutes on dev, about half an hour on testnet) audit what it missed from any
+# relay after the miner has gone. The price is disk: at most s_max/k + 1 checkpoints of
+# 8 bytes a parameter per proof, at most about 1.5 MB per proof on dev and 220 MB on
+# testnet (a few GB for the window there, as most proofs stop well short of s_max). 0 is
+# refused: it would drop a block's checkpoints as the block connects, before its auditors
+# have fetched them. A node that wants them all gives a large number.
+DEFAULT_KEEP_CHECKPOINTS = 32
 
 # A host name or IPv4 address; IPv6 addresses are checked by ipaddress instead.
 _HOST = re.compile(r"[A-Za-z0-9.-]+")
@@ -47,12 +56,14 @@ _RPCAUTH = re.compile(r"[^:$\s]+:[0-9a-fA-F]+\$[0-9a-fA-F]{64}")
 _MINE_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 _FILE_KEYS = ("network", "rpc_bind", "rpc_port", "p2p_bind", "p2p_port", "listen", "peers",
-              "mine", "miner_key", "device", "datasets", "rpcauth", "log_level")
+              "mine", "miner_key", "device", "datasets", "rpcauth", "log_level",
+              "keep_checkpoints")
 _FLAGS = {"network": "--network", "datadir": "--datadir", "rpc_bind": "--rpc-bind",
           "rpc_port": "--rpc-port", "p2p_bind": "--p2p-bind", "p2p_port": "--p2p-port",
           "listen": "--listen", "peers": "--peer",
           "mine": "--mine", "miner_key": "--miner-key", "device": "--device",
-          "datasets": "--datasets", "log_level": "--log-level"}
+          "datasets": "--datasets", "log_level": "--log-level",
+          "keep_checkpoints": "--keep-checkpoints"}
 
 # Option name -> (value, where it came from: a flag, a variable, or "FILE: key").
 _Given = dict[str, tuple[object, str]]
@@ -78,6 +89,8 @@ class Config:
     datasets: Path | None  # None: only the embedded digits
     rpc_auth: tuple[str, ...]
     log_level: str
+    # Defaulted, unlike the rest, so that a Config built by hand (tests) need not name it.
+    keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
 
 
 def default_datadir(network: str) -> Path:
@@ -106,6 +119,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     add("--datasets", metavar="DIR",
         help="where MNIST and other datasets live (default: only the embedded digits)")
     add("--log-level", metavar="{" + ",".join(LOG_LEVELS) + "}", help="default info")
+    add("--keep-checkpoints", metavar="N",
+        help=f"keep the checkpoints of the last N blocks, at least 1 "
+             f"(default {DEFAULT_KEEP_CHECKPOINTS})")
 
 
 def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
@@ -128,7 +144,8 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     defaults = {"network": network, "rpc_bind": "127.0.0.1", "rpc_port": params.rpc_port,
                 "p2p_bind": "0.0.0.0", "p2p_port": params.p2p_port, "listen": True,
                 "peers": (), "mine": False, "miner_key": None,
-                "device": "cpu", "datasets": None, "rpcauth": (), "log_level": "info"}
+                "device": "cpu", "datasets": None, "rpcauth": (), "log_level": "info",
+                "keep_checkpoints": DEFAULT_KEEP_CHECKPOINTS}
     values = defaults | file | overrides
     return Config(datadir=datadir, rpc_auth=values.pop("rpcauth"), **values)
 
@@ -174,6 +191,10 @@ def _from_text(option: str, text: str, where: str) -> object:
         if not text.isascii() or not text.isdigit():
             raise ConfigError(f"{where}: {text!r} is not a port number")
         return int(text)
+    if option == "keep_checkpoints":
+        if not text.isascii() or not text.isdigit():
+            raise ConfigError(f"{where}: {text!r} is not a number of blocks")
+        return int(text)
     if option in ("mine", "listen"):
         if text.lower() not in _MINE_WORDS:
             raise ConfigError(f"{where}: {text!r} is not one of {'/'.join(_MINE_WORDS)}")
@@ -212,6 +233,14 @@ def _port(value: object, where: str) -> int:
         raise ConfigError(f"{where}: expected a port number, got {value!r}")
     if not 1 <= value <= 65535:
         raise ConfigError(f"{where}: port {value} is out of range 1-65535")
+    return value
+
+
+def _block_count(value: object, where: str) -> int:
+    if type(value) is not int:  # not isinstance: True is an int too
+        raise ConfigError(f"{where}: expected a number of blocks, got {value!r}")
+    if value < 1:
+        raise ConfigError(f"{where}: {value} blocks is too few, the least is 1")
     return value
 
 
@@ -280,4 +309,5 @@ _CONVERT: dict[str, Callable[[object, str], object]] = {
     "datasets": _path,
     "rpcauth": _list(_rpcauth),
     "log_level": _choice(LOG_LEVELS),
+    "keep_checkpoints": _block_count,
 }

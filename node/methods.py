@@ -93,6 +93,7 @@ class Methods:
         task = self.store.get_task(proof.task_id)
         record: ModelRecord | None = self.store.get_state(("model", proof.model_id))
         blob = self.node.artifacts.get_model(proof.model_id)
+        history = self.node.artifacts.get_history(proof.ckpt_root)
         val_size = task.dataset.val_size if task else None
         out = {
             "task": proof.task_id.hex(),
@@ -110,6 +111,10 @@ class Methods:
             "reference_model": proof.ref_model.hex() or None,
             "model": proof.model_id.hex(),
             "checkpoint_root": proof.ckpt_root.hex(),
+            # What this node can serve of the history: all of it for recent blocks
+            # (--keep-checkpoints), none once pruned; the leaf list is always kept.
+            "checkpoints": None if history is None else len(history.leaves),
+            "checkpoints_held": len(self.node.artifacts.checkpoint_indexes(proof.ckpt_root)),
             "miner": compute_address(proof.miner).hex(),
             "nonce": proof.nonce,
         }

@@ -35,7 +35,7 @@ from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
 from mining.miner import Job, Reference, Solution
 from mining.trainer import DataCache
-from mining.verifier import DPoDLEngine, Verdict
+from mining.verifier import DPoDLEngine, FraudFound, Verdict
 from node.auth import Authenticator, remove_cookie, write_cookie
 from node.config import Config
 from node.datadir import DataDir, read_key_file
@@ -43,6 +43,7 @@ from node.mempool import Mempool
 from node.miner_service import MinerService, Progress
 from node.rpc import RpcServer
 from p2p.network import NetConfig, Network
+from storage import retention
 from storage.artifacts import ArtifactStore
 from storage.chain import AddResult, ChainStore, MissingParent, TipState
 from storage.db import Database
@@ -51,6 +52,7 @@ from storage.schema import STATUS_INVALID
 log = logging.getLogger("dpodl.node")
 
 T = TypeVar("T")
+EVIDENCE = 64  # histories whose checkpoints are kept as fraud evidence
 MTX_SEARCH = 100  # main-chain blocks searched for a model transaction a fraud proof names
 
 
@@ -110,6 +112,11 @@ class Node:
         self.key: PrivateKey | None = None
         self.miner: MinerService | None = None
         self.network: Network | None = None
+        # Histories whose checkpoints retention must not drop besides the recent blocks'
+        # and the pooled mtxs': our own solution while it is handed to the chain, and
+        # those we hold fraud evidence about (peers fetch it from us).
+        self._handing: set[Hash] = set()
+        self._evidence: OrderedDict[Hash, None] = OrderedDict()
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -142,6 +149,7 @@ class Node:
         self.mempool = Mempool(self.params, self.store, self.engine)
         log.info("%s chain at height %d, tip %s", self.params.name, self.store.height,
                  self.store.tip_id.hex())
+        self._prune(set())  # a lowered --keep-checkpoints takes effect at once
 
     async def run(self, rpc: RpcServer) -> None:
         """Serve until SIGINT, SIGTERM or the `stop` RPC; then shut down cleanly."""
@@ -218,7 +226,11 @@ class Node:
         Raises ConsensusError, MissingParent or MissingArtifact."""
         block_id = compute_block_id(block.header)
         self.block_times.received(block_id)
-        result = await self.on_chain_thread(self.store.add_block, block)
+        try:
+            result = await self.on_chain_thread(self.store.add_block, block)
+        except FraudFound as fraud:
+            self._keep_evidence(fraud.ckpt_root)
+            raise
         self.block_times.accepted(block_id)
         if result.status == "connected":
             await self._new_tip(result)
@@ -226,6 +238,8 @@ class Node:
 
     async def _new_tip(self, result: AddResult) -> None:
         await self.on_chain_thread(self.mempool.update_for_tip, result)
+        busy = self.network.busy_roots() if self.network is not None else set()
+        await self.on_chain_thread(self._prune, busy | self._handing | set(self._evidence))
         log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
         if self.network is not None:
             self.network.announce_block(self.store.tip_id)
@@ -262,12 +276,29 @@ class Node:
                                              prev_id, proof, task,
                                              FraudProof(owner_id, start, end))
         if verdict is Verdict.HOLDS:
+            self._keep_evidence(proof.ckpt_root)
             await self.on_chain_thread(self.mempool.remove, owner_id)
             if block_id is not None:
                 entry = self.store.get_entry(block_id)
                 if entry is not None and entry.status < STATUS_INVALID:
                     await self.invalidate_block(block_id)
         return verdict
+
+    def _keep_evidence(self, ckpt_root: Hash) -> None:
+        self._evidence[ckpt_root] = None
+        if len(self._evidence) > EVIDENCE:
+            self._evidence.popitem(last=False)
+
+    def _prune(self, protect: set[Hash]) -> None:
+        """Drop the checkpoints retention does not keep (storage/retention.py): those of
+        blocks older than the last keep_checkpoints, except `protect`'s and the pooled
+        model transactions'. On the chain thread."""
+        pooled = {tx.proof.ckpt_root for tx_id in self.mempool.ids()
+                  if isinstance(tx := self.mempool.get(tx_id), ModelTx)}
+        dropped = retention.prune(self.store, self.artifacts, self.config.keep_checkpoints,
+                                  protect | pooled)
+        if dropped:
+            log.debug("dropped %d checkpoints of old blocks", dropped)
 
     def _find_accused(self, owner_id: Hash) -> tuple[Hash, Proof, Hash | None] | None:
         """(prev_id, proof, the block to drop) of a block, or of a model transaction in
@@ -288,7 +319,11 @@ class Node:
 
     async def submit_transaction(self, tx: Transaction) -> Hash:
         """Add a transaction to the mempool (ConsensusError says why not)."""
-        tx_id = await self.on_chain_thread(self.mempool.add, tx)
+        try:
+            tx_id = await self.on_chain_thread(self.mempool.add, tx)
+        except FraudFound as fraud:
+            self._keep_evidence(fraud.ckpt_root)
+            raise
         if self.network is not None:
             self.network.announce_tx(tx_id, tx)
         return tx_id
@@ -397,6 +432,8 @@ class Node:
         """Store a solution's artifacts, then pool its model transaction or assemble and
         add its block. After a block the miner has stopped: it gets a new job whatever
         became of the block (a refused one too, or mining would stall)."""
+        root = solution.proof.ckpt_root
+        self._handing.add(root)
         try:
             if solution.prev_id == self.store.tip_id:
                 await self.on_chain_thread(solution.publish, self.artifacts)
@@ -406,6 +443,7 @@ class Node:
         except Exception:  # a bug here must not go unseen, nor stop the miner
             log.exception("handling the miner's %s failed", solution.kind)
         finally:
+            self._handing.discard(root)
             miner = self.miner
             if (solution.kind == "block" and miner is not None
                     and miner.generation == generation and not self.stopping.is_set()):

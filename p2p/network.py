@@ -75,7 +75,7 @@ from p2p.messages import (
 )
 from p2p.peer import KnownSet, Peer
 from p2p.sync import BlockSync, build_locator, headers_after
-from storage import schema
+from storage import retention, schema
 from storage.chain import MissingParent
 
 if TYPE_CHECKING:
@@ -139,7 +139,10 @@ class Network:
         self._sources: OrderedDict[Hash, list[Peer]] = OrderedDict()
         self._tx_requests: dict[Hash, tuple[Peer, float]] = {}
         self._rejected_txs = KnownSet(10_000)  # cleared on each new tip, as in Core
-        self._tx_adding: set[Hash] = set()  # arrived and being checked
+        self._tx_adding: dict[Hash, Transaction] = {}  # arrived and being checked
+        self._adding: Block | None = None  # the block being checked
+        self._tip_moved = asyncio.Event()  # wakes the keeper of recent checkpoints
+        self._unobtainable = KnownSet(10_000)  # recent checkpoints no peer would serve
         # Model transactions mined on a block we do not have yet, by that block's id.
         self._waiting_txs: OrderedDict[Hash, list[tuple[Peer, Hash, Transaction]]] = (
             OrderedDict())
@@ -165,6 +168,7 @@ class Network:
             log.info("P2P on %s:%d", self.config.bind, self.config.port)
         self._spawn(self._maintain())
         self._spawn(self._add_blocks())
+        self._spawn(self._keep_recent_checkpoints())
 
     async def close(self) -> None:
         self._closing = True
@@ -247,10 +251,13 @@ class Network:
             return
         finally:
             self._dialling.discard(addr)
-        await self._run(reader, writer, addr, inbound=False)
+        # A manual peer may be named by host name (a compose service, say): the peer is
+        # its address as connected, for bans and the address book; the name stays ours.
+        host = writer.get_extra_info("peername")[0]
+        await self._run(reader, writer, (host, addr[1]), inbound=False, dialled=addr)
 
     async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   addr: Address, *, inbound: bool) -> None:
+                   addr: Address, *, inbound: bool, dialled: Address | None = None) -> None:
         nonce = random.getrandbits(64)
         ours = Version(PROTOCOL_VERSION, self.genesis_id, self.store.height,
                        self.config.port, nonce, self.config.user_agent)
@@ -263,10 +270,10 @@ class Network:
             self._handshaking -= inbound
             reason = getattr(e, "reason", type(e).__name__)
             log.info("handshake with %s:%d failed: %s", *addr, reason)
-            if not inbound:
-                self.book.failed(addr)
+            if dialled is not None:
+                self.book.failed(dialled)
                 if reason == "self-connection":
-                    self._own_addrs.add(addr)
+                    self._own_addrs.add(dialled)
             if reason not in ("self-connection", "timeout") and isinstance(e, FrameError):
                 self._ban(addr[0], f"handshake: {reason}")
             writer.transport.abort()
@@ -275,9 +282,9 @@ class Network:
         self._handshaking -= inbound
         peer = Peer(reader, writer, params=self.params, addr=addr, inbound=inbound,
                     version=theirs, send_queue_bytes=self.config.send_queue_bytes)
-        peer.manual = addr in self.manual
-        peer.listen_addr = addr if not inbound else self._listen_addr(addr[0],
-                                                                       theirs.listen_port)
+        peer.dialled = dialled
+        peer.manual = dialled in self.manual
+        peer.listen_addr = self._listen_addr(addr[0], addr[1] if dialled else theirs.listen_port)
         self.peers[peer.id] = peer
         try:
             await self._serve(peer)
@@ -385,7 +392,7 @@ class Network:
         self._request_blocks()
 
     def _dial_more(self, now: float) -> None:
-        connected = {p.listen_addr for p in self.peers.values() if p.listen_addr}
+        connected = {a for p in self.peers.values() for a in (p.listen_addr, p.dialled) if a}
         busy = connected | self._dialling | self._own_addrs
         for addr in self.manual - busy:
             if self._redial.get(addr, 0.0) <= now:
@@ -547,9 +554,9 @@ class Network:
 
     def _start_add_tx(self, peer: Peer, tx_id: Hash, tx: Transaction) -> None:
         """Check a transaction in its own task; while it runs, nobody fetches it again."""
-        self._tx_adding.add(tx_id)
+        self._tx_adding[tx_id] = tx
         task = self._spawn(self._add_tx(peer, tx_id, tx))
-        task.add_done_callback(lambda _: self._tx_adding.discard(tx_id))
+        task.add_done_callback(lambda _: self._tx_adding.pop(tx_id, None))
 
     def _on_getartifact(self, peer: Peer, msg: GetModel | GetCkpt) -> None:
         if peer.serving >= SERVING_PER_PEER:
@@ -625,7 +632,11 @@ class Network:
             await self._blocks_ready.wait()
             self._blocks_ready.clear()
             while (item := self.sync.next_ready()) is not None:
-                await self._add_block(*item)
+                self._adding = item[0]
+                try:
+                    await self._add_block(*item)
+                finally:
+                    self._adding = None
                 self._request_blocks()
 
     async def _add_block(self, block: Block, peer: Peer) -> None:
@@ -677,6 +688,48 @@ class Network:
         for checkpoints: a relay keeps only some and may fail to fetch the rest.)"""
         if failed.need.kind != "checkpoint" and peer in failed.refused:
             self.punish(peer, f"withheld-{failed.need.kind}")
+
+    def busy_roots(self) -> set[Hash]:
+        """The histories of the blocks and model transactions here to be checked: their
+        checkpoints are fetched for a check to come, so retention must leave them."""
+        blocks = [block for block, _ in self.sync.arrived.values()]
+        txs = [*self._tx_adding.values(),
+               *(tx for waiting in self._waiting_txs.values() for _, _, tx in waiting)]
+        return ({proof.ckpt_root for block in blocks + [self._adding] if block is not None
+                 for proof in _proofs(block)}
+                | {tx.proof.ckpt_root for tx in txs if isinstance(tx, ModelTx)})
+
+    async def _keep_recent_checkpoints(self) -> None:
+        """Fetch every checkpoint of the last keep_checkpoints blocks, not only those our
+        audits drew, so that this node serves any interval of a recent block once its
+        miner has gone (§8; storage/retention.py). After each new tip, while block sync
+        is idle: during a catch-up most of what it would fetch leaves the window soon."""
+        keep = self.node.config.keep_checkpoints
+        while True:
+            await self._tip_moved.wait()
+            self._tip_moved.clear()
+            while not (self.sync.in_flight or self.sync.arrived or self.sync.adding
+                       or self.sync.best_height() > self.store.height):
+                needs = [need for need in await self.node.on_chain_thread(
+                    retention.missing, self.store, self.node.artifacts, keep,
+                    retention.MISSING_LIMIT + len(self._unobtainable))
+                    if need not in self._unobtainable][:retention.MISSING_LIMIT]
+                if not needs:
+                    break
+                results = await asyncio.gather(
+                    *(self.fetcher.fetch([need], self._holders_of(need)) for need in needs),
+                    return_exceptions=True)
+                for need, result in zip(needs, results, strict=True):
+                    if isinstance(result, FetchFailed):
+                        self._unobtainable.add(need)
+                    elif isinstance(result, BaseException):
+                        raise result
+
+    def _holders_of(self, need: Need) -> list[Peer]:
+        """Who may have an artifact no block is waiting for: the peers that named its id
+        first, then every other peer."""
+        named = [p for p in self._sources.get(need.key, ()) if p.alive]
+        return named + [p for p in self.peers.values() if p.alive and p not in named]
 
     async def _prefetch(self, block: Block, peer: Peer) -> None:
         """Fetch the models and histories the block's proofs name, then the checkpoints
@@ -744,6 +797,7 @@ class Network:
     def announce_block(self, block_id: Hash) -> None:
         """Tell every peer that does not know it yet about a new tip; retry what waited
         for the blocks now here (state-dependent refusals may not hold any more)."""
+        self._tip_moved.set()
         self._rejected_txs = KnownSet(self._rejected_txs.capacity)
         for waited in [i for i in self._waiting_txs if self.store.get_entry(i) is not None]:
             for peer, tx_id, tx in self._waiting_txs.pop(waited):

@@ -95,6 +95,7 @@ class Peer:
         self.ping_time: float | None = None  # seconds, of the last answered ping
         self.sent_addr = False  # answered its getaddr already
         self.listen_addr: Address | None = None  # where it accepts connections, if anywhere
+        self.dialled: Address | None = None  # what we dialled (maybe a name), if outbound
         self.manual = False  # dialled because the operator named it (--peer, addnode)
         self.inv_limit = RateLimit(rate=1000.0, burst=5000.0)  # inv items
         self.addr_limit = RateLimit(rate=0.1, burst=1000.0)  # addresses (Bitcoin Core's)

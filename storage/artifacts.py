@@ -6,6 +6,7 @@ and cannot be overwritten with something else. The seal engine reads from here
 (mining.artifacts.ArtifactSource); the miner and, later, the P2P layer write.
 """
 
+from collections.abc import Iterable
 from typing import Any
 
 from consensus.checkpoints import (
@@ -60,9 +61,38 @@ class ArtifactStore:
 
     def prune_checkpoints(self, ckpt_root: Hash) -> None:
         """Drop a history's checkpoints (the leaves stay: they are small)."""
-        with self.db.write_batch() as batch:
-            for key, _ in self.db.iterate(schema.checkpoint_prefix(ckpt_root)):
-                batch.delete(key)
+        self.drop_checkpoints([ckpt_root])
+
+    # Keys only from here on: a checkpoint is megabytes of tensors, its key 37 bytes.
+    # (LevelDB still pages in the block a key sits in; a seek past a root spares the rest.)
+
+    def checkpoint_roots(self) -> list[Hash]:
+        """Every ckpt_root with a checkpoint stored, in key order: one seek per root, so
+        the checkpoints under a root are not walked."""
+        roots = []
+        with self.db.db.iterator(prefix=schema.CHECKPOINT, include_value=False) as keys:
+            while (key := next(keys, None)) is not None:
+                root, _ = schema.split_checkpoint_key(key)
+                roots.append(root)
+                keys.seek(schema.checkpoint_prefix_end(root))
+        return roots
+
+    def checkpoint_indexes(self, ckpt_root: Hash) -> list[int]:
+        """The indexes of a history's stored checkpoints, ascending, read from their keys."""
+        with self.db.db.iterator(prefix=schema.checkpoint_prefix(ckpt_root),
+                                 include_value=False) as keys:
+            return [schema.split_checkpoint_key(key)[1] for key in keys]
+
+    def drop_checkpoints(self, ckpt_roots: Iterable[Hash]) -> int:
+        """Drop these histories' checkpoints in one batch (their leaves stay); returns how
+        many were dropped."""
+        dropped = [schema.checkpoint_key(root, index)
+                   for root in ckpt_roots for index in self.checkpoint_indexes(root)]
+        if dropped:  # an empty batch would still cost a synced write, on every new tip
+            with self.db.write_batch() as batch:
+                for key in dropped:
+                    batch.delete(key)
+        return len(dropped)
 
     def _get(self, tp: type, key: bytes) -> Any:
         raw = self.db.get(key)

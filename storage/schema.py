@@ -109,6 +109,18 @@ def checkpoint_prefix(ckpt_root: Hash) -> bytes:
     return CHECKPOINT + ckpt_root
 
 
+def checkpoint_prefix_end(ckpt_root: Hash) -> bytes:
+    """A key past every checkpoint of `ckpt_root` and before the next root's: where a
+    scan of the roots seeks to skip one root's tensors unread."""
+    return CHECKPOINT + ckpt_root + b"\xff" * 5  # longer than any of its 4-byte indexes
+
+
+def split_checkpoint_key(key: bytes) -> tuple[Hash, int]:
+    """The (ckpt_root, index) a checkpoint key names."""
+    root_end = len(CHECKPOINT) + 32
+    return Hash(key[len(CHECKPOINT):root_end]), struct.unpack(">I", key[root_end:])[0]
+
+
 def state_key(key: StateKey) -> bytes:
     kind, name = key
     return STATE + _KIND_CODES[kind] + name

@@ -45,7 +45,7 @@ def test_every_flag_defaults_to_not_given():
     assert all(value is None for value in vars(parse()).values())
     assert set(vars(parse())) == {"network", "datadir", "rpc_bind", "rpc_port", "p2p_bind",
                                   "p2p_port", "listen", "peers", "mine", "miner_key", "device",
-                                  "datasets", "log_level"}
+                                  "datasets", "log_level", "keep_checkpoints"}
 
 
 def test_defaults_for_dev(home):

@@ -120,9 +120,12 @@ async def test_a_fraud_proof_drops_the_forged_block_on_the_node_that_took_it(sta
     honest_id = compute_block_id(honest_block.header)
 
     x = await start("x", 0)  # public audits only: the forgery passes
-    for solution in (forged, honest):
-        await x.on_chain_thread(solution.publish, x.artifacts)
+    # Published one at a time, as a miner does: each new tip drops the checkpoints of
+    # what is neither a recent block nor being checked (the honest ones, had they been
+    # published before the forged block connected).
+    await x.on_chain_thread(forged.publish, x.artifacts)
     assert (await x.submit_block(forged_block)).status == "connected"
+    await x.on_chain_thread(honest.publish, x.artifacts)
     assert (await x.submit_block(honest_block)).status == "stored"  # seen second
     assert x.store.tip_id == forged_id
 
@@ -181,7 +184,7 @@ async def test_a_false_fraud_notice_gets_its_sender_banned(start, data, accuser)
                 raw = encode(honest.checkpoint(msg.index)) if serves else b""
                 streams[1].write(encode_frame(EASY.magic, *encode_payload(CkptChunk(
                     root, msg.index, msg.offset, len(raw), raw[msg.offset:][:CHUNK_SIZE]))))
-    assert asked == {0, 1}  # both ends, asked of the accuser at once
+    assert asked >= {0, 1}  # both ends (the keeper of recent checkpoints asks for all)
     assert x.network is not None
     [(host, _, reason)] = x.network.book.bans()
     assert host == "127.0.0.2"

@@ -58,13 +58,22 @@ def nodes(tmp_path):
         node.kill()
 
 
+def checkpoints_held(node: NodeProcess) -> list[str | int]:
+    """For each block from height 1: "all" when all its checkpoints are here, else how
+    many are (the leaf list, which says how many there are, is never dropped)."""
+    proofs = [node.call("getblock", node.call("getblockhash", h))["proof"]
+              for h in range(1, node.call("getblockcount") + 1)]
+    return ["all" if p["checkpoints_held"] == p["checkpoints"] else p["checkpoints_held"]
+            for p in proofs]
+
+
 def peer(node: NodeProcess) -> str:
     return f"--peer=127.0.0.1:{node.p2p_port}"
 
 
 def test_three_nodes_converge_and_a_late_node_syncs_30_blocks(nodes):
     a = nodes("a", "--mine")
-    b = nodes("b", peer(a))
+    b = nodes("b", peer(a), "--keep-checkpoints=10")
     c = nodes("c", peer(b))  # knows only b: finds a through address gossip
     wait_until(lambda: a.call("getblockcount") >= 30, "30 blocks", timeout=MINE_TIMEOUT)
     assert a.call("setgenerate", False) is False
@@ -74,11 +83,18 @@ def test_three_nodes_converge_and_a_late_node_syncs_30_blocks(nodes):
     assert state_of(a, miners) == state_of(b, miners) == state_of(c, miners)
     assert a.call("getblockcount") >= 30
 
-    # A node started after 30 blocks, peering with c only: c relayed the blocks but holds
-    # only the checkpoints its own audits drew, so d's audits are served through c.
+    # A node started after 30 blocks, peering with c only, once the miner is gone: c's
+    # own audits drew a few intervals of each block, and it fetched the others after
+    # (it keeps every checkpoint of its last 32 blocks), so d's audits can be served.
+    # b keeps those of its last 10 blocks only, and the leaf lists of all.
+    height = a.call("getblockcount")
+    wait_until(lambda: checkpoints_held(c) == ["all"] * height, "c's checkpoints")
+    wait_until(lambda: checkpoints_held(b) == [0] * (height - 10) + ["all"] * 10,
+               "b's checkpoints of its last 10 blocks only")
+    a.kill()
     d = nodes("d", peer(c))
-    wait_until(lambda: same_chain([a, d]), "d to sync")
-    assert state_of(d, miners) == state_of(a, miners)
+    wait_until(lambda: same_chain([c, d]), "d to sync")
+    assert state_of(d, miners) == state_of(c, miners)
     tip = d.call("getblock", d.call("getbestblockhash"))
     assert tip["received"] is not None and tip["accepted"] >= tip["received"]
     seed = f"127.0.0.1:{c.p2p_port}"
@@ -147,3 +163,16 @@ def test_a_model_transaction_made_on_one_node_is_referenced_by_a_block_of_anothe
     assert block["proof"]["miner"] != maker  # mined on b
     assert block["proof"]["reference_model"] == best[1]  # from a's model transaction
     wait_until(lambda: same_chain([a, b]), "a to take b's block")
+
+
+def test_a_peer_named_by_host_name_is_dialled_once_and_kept(nodes):
+    """As in docker/compose.yaml, where relays name the miners by service name."""
+    a = nodes("a")
+    b = nodes("b", f"--peer=localhost:{a.p2p_port}")
+    wait_until(lambda: b.call("getconnectioncount") == 1, "b's link to a")
+    time.sleep(6)  # past the 5 s redial interval: one connection, not a redial loop
+    [info] = b.call("getpeerinfo")
+    assert info["manual"] and not info["inbound"]
+    assert info["addr"] == f"127.0.0.1:{a.p2p_port}"  # the address it reached
+    assert a.call("getconnectioncount") == 1
+    assert "P2P task failed" not in (b.datadir / "debug.log").read_text()
