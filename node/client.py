@@ -13,11 +13,16 @@ TIMEOUT = 60.0  # seconds; `stop` and block submission answer well within it
 
 
 class RpcClientError(Exception):
-    """The call did not give a result: no node, refused credentials, or an RPC error."""
+    """The call did not give a result: no node, refused credentials, or an RPC error.
+    `code` is the RPC error's code, None when no node answered the call."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def call(config: Config, method: str, params: list, *,
-         credentials: tuple[str, str] | None = None) -> object:
+         credentials: tuple[str, str] | None = None, timeout: float = TIMEOUT) -> object:
     """Call `method` on the node `config` describes and return its result."""
     host = "127.0.0.1" if config.rpc_bind in ("0.0.0.0", "::", "") else config.rpc_bind
     url = f"http://{host}:{config.rpc_port}/"
@@ -31,7 +36,7 @@ def call(config: Config, method: str, params: list, *,
     request = urllib.request.Request(url, body.encode(), method="POST", headers={
         "Content-Type": "application/json", "Authorization": f"Basic {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             reply = json.loads(response.read())
     except urllib.error.HTTPError as e:
         if e.code == 401:
@@ -46,5 +51,6 @@ def call(config: Config, method: str, params: list, *,
         raise RpcClientError(f"the node at {url} answered something that is not JSON") from None
     error = reply.get("error")
     if error:
-        raise RpcClientError(f"error code {error.get('code')}: {error.get('message')}")
+        raise RpcClientError(f"error code {error.get('code')}: {error.get('message')}",
+                             error.get("code"))
     return reply.get("result")

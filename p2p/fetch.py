@@ -7,12 +7,13 @@ offset; once whole they are decoded and checked against the id asked for before 
 are stored (storage.artifacts refuses anything that does not hash to its key), so a
 peer cannot plant a wrong artifact, only waste one request and be disconnected.
 
-Serving: what is stored is served. A node that relays a block keeps only the
-checkpoints its own audits needed, while the next verifier draws its own private
+Serving: what is stored is served. A node that relays a block has at first only the
+checkpoints its own audits needed (it fetches the rest of its recent blocks' once block
+sync is idle, storage/retention.py), while the next verifier draws its own private
 intervals, so a checkpoint asked for and not here is fetched from the peers this node
 got the block from and then served ("serve-through"): every verifier can reach the
-miner's full history however far away the miner is, and each hop stores only what was
-asked for. Requests for the same artifact share one download.
+miner's full history however far away the miner is. Requests for the same artifact
+share one download.
 """
 
 import asyncio

@@ -19,7 +19,10 @@ Peer management follows Bitcoin Core where §11 is silent:
   are disconnected but not banned, or one bad local process would cut off a local
   testnet; other loopback addresses (127.0.0.2, …) are banned like any other.
 - A block that fails a private audit is not held against the peer that relayed it: its
-  own audits drew other intervals. The fraud proof goes to every peer instead.
+  own audits drew other intervals. A fraud notice (the accused and the interval) goes
+  to every peer instead; each fetches the interval's two checkpoints from its sender
+  and replays it. A notice whose sender cannot serve them, or whose interval replays
+  well within delta, gets the sender banned; one that replays near delta is dropped.
 """
 
 import asyncio
