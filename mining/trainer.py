@@ -9,6 +9,7 @@ device; a whole interval's batch indices go over in one copy, so the step loop n
 waits for the host.
 """
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,7 @@ class DataCache:
         self.data_dir = data_dir
         self._splits: dict[Dataset, Splits] = {}
         self._resident: dict[tuple[Dataset, str], DeviceData] = {}
+        self._lock = threading.Lock()  # a node's warm-up and its chain thread may both ask
 
     def splits(self, spec: Dataset) -> Splits:
         found = self._splits.get(spec)
@@ -93,9 +95,10 @@ class DataCache:
 
     def resident(self, spec: Dataset, device: torch.device | str) -> DeviceData:
         key = (spec, str(torch.device(device)))
-        found = self._resident.get(key)
-        if found is None:
-            found = self._resident[key] = DeviceData.from_splits(self.splits(spec), device)
+        with self._lock:
+            found = self._resident.get(key)
+            if found is None:
+                found = self._resident[key] = DeviceData.from_splits(self.splits(spec), device)
         return found
 
 

@@ -478,5 +478,10 @@ class DPoDLEngine:
                                                f"delta {task.delta_ppm}")
         return distance * 1e6
 
+    def prepare(self, task: Task) -> None:
+        """Load `task`'s dataset onto this engine's device now rather than at the first
+        replay, so that a caller can overlap the loading with the fetching of artifacts."""
+        self.data.resident(task.dataset, self.device)
+
     def _trainer(self, draw: Draw, task: Task) -> Trainer:
         return Trainer(draw, self.data.resident(task.dataset, self.device), self.device)

@@ -96,7 +96,8 @@ def read_artifact(artifacts: ArtifactStore, need: Need) -> bytes | None:
 class Fetcher:
     def __init__(self, artifacts: ArtifactStore, *, timeout: float, punish: Punish) -> None:
         self.artifacts, self.timeout, self._punish = artifacts, timeout, punish
-        self._waiting: dict[tuple[int, Need, int], asyncio.Future[Chunk]] = {}
+        # A request's future gets its chunk, or None when the peer goes (forget_peer).
+        self._waiting: dict[tuple[int, Need, int], asyncio.Future[Chunk | None]] = {}
         self._downloads: dict[Need, asyncio.Future[None]] = {}
         self._slots: dict[int, asyncio.Semaphore] = {}  # peer id → its request slots
         self._encoded: OrderedDict[Need, bytes] = OrderedDict()
@@ -153,22 +154,20 @@ class Fetcher:
         while total is None or offset < total:
             key = (peer.id, need, offset)
             async with slots:
+                if not peer.alive:
+                    return None
                 future = self._waiting[key] = asyncio.get_running_loop().create_future()
                 peer.send(request(need, offset))
-                closed = asyncio.ensure_future(peer.closed.wait())
                 try:
                     async with asyncio.timeout(self.timeout):
-                        await asyncio.wait({future, closed},
-                                           return_when=asyncio.FIRST_COMPLETED)
+                        piece = await future
                 except TimeoutError:
                     peer.close(f"stalled: no {need.kind} chunk in {self.timeout:.0f}s")
                     return None
                 finally:
-                    closed.cancel()
                     self._waiting.pop(key, None)
-            if not future.done():
+            if piece is None:
                 return None  # the peer went away
-            piece = future.result()
             if piece.total == 0:
                 return b""
             if total is None:
@@ -188,7 +187,12 @@ class Fetcher:
         return b"".join(parts)
 
     def forget_peer(self, peer: Peer) -> None:
+        """A peer left: what was asked of it will not come."""
         self._slots.pop(peer.id, None)
+        for key in [k for k in self._waiting if k[0] == peer.id]:
+            future = self._waiting.pop(key)
+            if not future.done():
+                future.set_result(None)
 
     def on_chunk(self, peer: Peer, piece: Chunk) -> bool:
         """Hand a chunk to its request; False when nothing asked for it."""

@@ -40,8 +40,9 @@ from consensus.encoding import ZERO_HASH, Hash
 from consensus.errors import ConsensusError
 from consensus.proofs import Proof
 from consensus.seal import MissingArtifact, Need
+from consensus.tasks import Task
 from consensus.transactions import ModelTx, Transaction, compute_tx_id
-from mining.verifier import FraudFound, Verdict
+from mining.verifier import DPoDLEngine, FraudFound, Verdict
 from p2p.addrman import Address, AddressBook, parse_address
 from p2p.fetch import Fetcher, FetchFailed
 from p2p.framing import ConnectionClosed, FrameError
@@ -158,6 +159,7 @@ class Network:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._blocks_ready = asyncio.Event()
         self._prefetch_slots = asyncio.Semaphore(PREFETCH_BLOCKS)
+        self._prepared: set[Hash] = set()  # tasks whose dataset loading has been started
         self._own_addrs: set[Address] = set()  # where dialling reached ourselves
         self._server: asyncio.Server | None = None
         self._closing = False
@@ -644,6 +646,7 @@ class Network:
 
     async def _add_block(self, block: Block, peer: Peer) -> None:
         block_id = compute_block_id(block.header)
+        self._prepare(block.header.proof.task_id)
         # Each proof (the block's, each mtx's) may ask twice: for its model and history,
         # then for the checkpoints its audits drew.
         rounds = 2 * (1 + sum(isinstance(tx, ModelTx) for tx in block.txs)) + 1
@@ -684,6 +687,18 @@ class Network:
                 self._check_parked(block_id)
             return
         self.sync.drop(block_id)
+
+    def _prepare(self, task_id: Hash) -> None:
+        """The first time a block of a task is to be checked, load the task's dataset on a
+        worker thread, so that it loads while the block's artifacts are fetched instead of
+        after them (it is the check's own cost either way). A failure is the check's to
+        report: it loads the dataset again."""
+        if task_id in self._prepared:
+            return
+        self._prepared.add(task_id)
+        task = self.store.get_task(task_id)
+        if task is not None:
+            self._spawn(asyncio.to_thread(_prepare_quietly, self.node.engine, task))
 
     def _punish_withholding(self, peer: Peer, failed: FetchFailed) -> None:
         """A peer that sent a block or mtx and then says it lacks the model or history
@@ -880,3 +895,8 @@ def _notice(fraud: FraudFound) -> FraudNotice:
 def _proofs(block: Block) -> list[Proof]:
     """The proofs a block carries: its own and its model transactions'."""
     return [block.header.proof, *(tx.proof for tx in block.txs if isinstance(tx, ModelTx))]
+
+
+def _prepare_quietly(engine: DPoDLEngine, task: Task) -> None:
+    with contextlib.suppress(Exception):  # the check meets the same error and says so
+        engine.prepare(task)

@@ -119,6 +119,12 @@ class Node:
         task.add_done_callback(self.tasks.discard)
 
     async def read(self, peer: Peer) -> None:
+        try:
+            await self._read(peer)
+        finally:
+            self.fetcher.forget_peer(peer)  # as the network does when a connection ends
+
+    async def _read(self, peer: Peer) -> None:
         while peer.alive:
             try:
                 msg = await peer.receive(30.0)
