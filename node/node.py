@@ -112,10 +112,9 @@ class Node:
         self.key: PrivateKey | None = None
         self.miner: MinerService | None = None
         self.network: Network | None = None
-        # Histories whose checkpoints retention must not drop besides the recent blocks'
-        # and the pooled mtxs': our own solution while it is handed to the chain, and
-        # those we hold fraud evidence about (peers fetch it from us).
-        self._handing: set[Hash] = set()
+        # Histories whose checkpoints retention must not drop besides the recent blocks',
+        # the pooled mtxs' and our own: those we hold fraud evidence about (peers fetch
+        # it from us).
         self._evidence: OrderedDict[Hash, None] = OrderedDict()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -239,7 +238,7 @@ class Node:
     async def _new_tip(self, result: AddResult) -> None:
         await self.on_chain_thread(self.mempool.update_for_tip, result)
         busy = self.network.busy_roots() if self.network is not None else set()
-        await self.on_chain_thread(self._prune, busy | self._handing | set(self._evidence))
+        await self.on_chain_thread(self._prune, busy | set(self._evidence))
         log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
         if self.network is not None:
             self.network.announce_block(self.store.tip_id)
@@ -432,22 +431,25 @@ class Node:
         """Store a solution's artifacts, then pool its model transaction or assemble and
         add its block. After a block the miner has stopped: it gets a new job whatever
         became of the block (a refused one too, or mining would stall)."""
-        root = solution.proof.ckpt_root
-        self._handing.add(root)
         try:
             if solution.prev_id == self.store.tip_id:
-                await self.on_chain_thread(solution.publish, self.artifacts)
+                await self.on_chain_thread(self._publish, solution)
                 await self._use_solution(job, solution)
             else:
                 self.stats.stale += 1
         except Exception:  # a bug here must not go unseen, nor stop the miner
             log.exception("handling the miner's %s failed", solution.kind)
         finally:
-            self._handing.discard(root)
             miner = self.miner
             if (solution.kind == "block" and miner is not None
                     and miner.generation == generation and not self.stopping.is_set()):
                 await self._renew_job()
+
+    def _publish(self, solution: Solution) -> None:
+        """Store a solution's model, leaves and checkpoints, kept as our own for good:
+        we are the one peer sure to have them, for a reorg however deep."""
+        self.artifacts.keep_own(solution.proof.ckpt_root)
+        solution.publish(self.artifacts)
 
     async def _use_solution(self, job: Job, solution: Solution) -> None:
         assert self.key is not None
@@ -472,7 +474,10 @@ class Node:
                      solution.proof.steps, solution.proof.n_correct,
                      job.task.dataset.val_size, len(block.txs))
         except (ConsensusError, MissingParent, MissingArtifact) as e:
-            log.error("own %s refused: %s", solution.kind, e)
+            # An mtx whose block left the window while it was signed: the tip moved on.
+            stale = isinstance(e, ConsensusError) and e.reason == "bad-mtx-prev"
+            log.log(logging.INFO if stale else logging.ERROR, "own %s refused: %s",
+                    solution.kind, e)
 
 
 async def serve(config: Config, build_rpc: Callable[[Node, Authenticator], RpcServer]) -> None:

@@ -121,8 +121,15 @@ class Fetcher:
         if download is None:
             download = asyncio.ensure_future(self._download(need, list(peers)))
             self._downloads[need] = download
-            download.add_done_callback(lambda _: self._downloads.pop(need, None))
+            download.add_done_callback(lambda _: self._finished(need, download))
         await asyncio.shield(download)
+
+    def _finished(self, need: Need, download: asyncio.Future[None]) -> None:
+        self._downloads.pop(need, None)
+        if not download.cancelled():
+            # Marked retrieved: each waiter has it raised, and one whose caller gave up
+            # (gather stops at the first failure) must not leave it unread.
+            download.exception()
 
     async def _download(self, need: Need, peers: list[Peer]) -> None:
         refused: list[Peer] = []

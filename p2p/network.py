@@ -285,6 +285,15 @@ class Network:
             self._nonces.discard(nonce)
             return
         self._handshaking -= inbound
+        twin = dialled and next((p for p in self.peers.values() if not p.inbound
+                                 and p.listen_addr == (addr[0], addr[1])), None)
+        if twin:  # one node, dialled by name and by address (from gossip): one link
+            log.info("%s:%d is %r already", *dialled, twin)
+            if dialled in self.manual:
+                twin.manual, twin.dialled = True, dialled
+            writer.transport.abort()
+            self._nonces.discard(nonce)
+            return
         peer = Peer(reader, writer, params=self.params, addr=addr, inbound=inbound,
                     version=theirs, send_queue_bytes=self.config.send_queue_bytes)
         peer.dialled = dialled

@@ -77,6 +77,15 @@ class ArtifactStore:
                 keys.seek(schema.checkpoint_prefix_end(root))
         return roots
 
+    def keep_own(self, ckpt_root: Hash) -> None:
+        """Mark a history as this node's own work: checkpoints are the miner's to store
+        and serve (PROTOCOL.md §8), so retention never drops its own."""
+        self.db.db.put(schema.own_key(ckpt_root), b"", sync=True)
+
+    def own_roots(self) -> list[Hash]:
+        with self.db.db.iterator(prefix=schema.OWN, include_value=False) as keys:
+            return [Hash(key[len(schema.OWN):]) for key in keys]
+
     def checkpoint_indexes(self, ckpt_root: Hash) -> list[int]:
         """The indexes of a history's stored checkpoints, ascending, read from their keys."""
         with self.db.db.iterator(prefix=schema.checkpoint_prefix(ckpt_root),

@@ -79,7 +79,7 @@ def prune(store: ChainStore, artifacts: ArtifactStore, keep: int,
     the caller must keep besides: pooled model transactions', a solution being handed to
     the chain); histories and models stay. One write batch, none when there is nothing to
     drop; a kept root costs one seek. Returns how many checkpoints were dropped."""
-    kept = retained_roots(store, keep) | set(protect)
+    kept = retained_roots(store, keep) | set(protect) | set(artifacts.own_roots())
     return artifacts.drop_checkpoints(
         [root for root in artifacts.checkpoint_roots() if root not in kept])
 

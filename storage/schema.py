@@ -34,6 +34,7 @@ TASK = b"K"
 MODEL = b"M"
 HISTORY = b"L"
 CHECKPOINT = b"C"
+OWN = b"O"  # ckpt_roots of this node's own solutions: their checkpoints are never pruned
 
 # Validity of an indexed block. STORED: its context checks passed and its data is
 # here; VALID: it has been connected, so its state transition is known to be good.
@@ -113,6 +114,10 @@ def checkpoint_prefix_end(ckpt_root: Hash) -> bytes:
     """A key past every checkpoint of `ckpt_root` and before the next root's: where a
     scan of the roots seeks to skip one root's tensors unread."""
     return CHECKPOINT + ckpt_root + b"\xff" * 5  # longer than any of its 4-byte indexes
+
+
+def own_key(ckpt_root: Hash) -> bytes:
+    return OWN + ckpt_root
 
 
 def split_checkpoint_key(key: bytes) -> tuple[Hash, int]:

@@ -16,6 +16,7 @@ import yaml
 from node.auth import make_rpcauth
 from node.cli import build_parser
 from node.config import Config, ConfigError, load_config
+from tests.compose import load_services
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -130,6 +131,18 @@ def test_the_nodes_form_one_network(configs):
             reached.add(name)
             todo += [other for other in configs if other in linked[name] or name in linked[other]]
     assert reached == set(configs)
+
+
+def test_the_netns_harness_reads_the_file_as_compose_does(resolved):
+    # tests/netns.py runs the services as tests/compose.py reads them, without compose.
+    services = load_services({"DPODL_RPCAUTH": RPCAUTH})
+    assert services.keys() == resolved["services"].keys()
+    for name, service in services.items():
+        theirs = resolved["services"][name]
+        assert list(service.command) == theirs["command"], name
+        assert dict(service.environment) == _environment(theirs), name
+        assert list(service.volumes) == [_volume(v) for v in theirs["volumes"]], name
+        assert ["CMD", *service.healthcheck] == theirs["healthcheck"]["test"], name
 
 
 BASE = ["dpodl", "node", "--network", "dev", "--datadir", "/data", "--rpc-bind", "0.0.0.0"]

@@ -176,3 +176,13 @@ def test_a_peer_named_by_host_name_is_dialled_once_and_kept(nodes):
     assert info["addr"] == f"127.0.0.1:{a.p2p_port}"  # the address it reached
     assert a.call("getconnectioncount") == 1
     assert "P2P task failed" not in (b.datadir / "debug.log").read_text()
+
+    # A node linked to a by address (as gossip may teach it) and then told its name:
+    # the name leads to the same node, so it stays one link.
+    c = nodes("c", f"--peer=127.0.0.1:{a.p2p_port}")
+    to_a = f"127.0.0.1:{a.p2p_port}"
+    wait_until(lambda: to_a in [p["addr"] for p in c.call("getpeerinfo")], "c's link to a")
+    c.call("addnode", f"localhost:{a.p2p_port}", "add")
+    time.sleep(6)
+    assert [p["addr"] for p in c.call("getpeerinfo")].count(to_a) == 1
+    assert [p["inbound"] for p in a.call("getpeerinfo")].count(True) == 2  # b and c

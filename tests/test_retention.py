@@ -124,6 +124,21 @@ def test_prune_keeps_the_last_blocks_checkpoints_and_drops_the_rest(chain):
     assert chain.kept_whole(S[4]) and chain.kept_whole(S[6])
 
 
+def test_prune_never_drops_this_nodes_own_work(chain):
+    """A miner keeps its own checkpoints for good: after a partition deeper than the
+    window, the others can verify its side of the fork only from it."""
+    for sol in S[:3]:
+        chain.mine(sol)
+        sol.publish(chain.artifacts)
+    chain.artifacts.keep_own(root(S[0]))  # block 1, out of a one-block window
+    chain.artifacts.keep_own(root(S[7]))  # a side block of ours, say: on no chain here
+    S[7].publish(chain.artifacts)
+    assert prune(chain.store, chain.artifacts, 1) == len(S[1].tensors)
+    assert chain.kept_whole(S[0]) and chain.kept_whole(S[7]) and chain.kept_whole(S[2])
+    assert chain.stored(S[1]) == []
+    assert sorted(chain.artifacts.own_roots()) == sorted([root(S[0]), root(S[7])])
+
+
 def test_prune_counts_blocks_not_proofs_and_never_reaches_genesis(chain):
     chain.mine(S[0], mtxs=(S[1], S[2]))
     chain.mine(S[3])
