@@ -183,6 +183,13 @@ def _rpcauth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _testnet(args: argparse.Namespace) -> int:
+    from node import testnet_commands as testnet
+
+    return {"up": testnet.up, "status": testnet.status,
+            "down": testnet.down}[args.testnet_command](args)
+
+
 def _amount(text: str) -> int:
     """An amount of base units: an integer that fits the chain's 64 bits."""
     try:
@@ -255,7 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "only the password's salted hash")
     rpcauth.add_argument("user")
     rpcauth.set_defaults(run=_rpcauth)
+    _testnet_parser(commands)
     return parser
+
+
+def _testnet_parser(commands: argparse._SubParsersAction) -> None:
+    testnet = commands.add_parser("testnet", help="a local testnet: node processes on loopback")
+    testnet_commands = testnet.add_subparsers(dest="testnet_command", metavar="COMMAND",
+                                              required=True)
+    up = testnet_commands.add_parser(
+        "up", help="start the nodes, each dialling those before it, and watch over them "
+                   "until Ctrl-C, which stops them all")
+    up.add_argument("--nodes", type=int, default=3, metavar="N", help="how many (default 3)")
+    up.add_argument("--miners", type=int, default=1, metavar="M",
+                    help="how many of them mine (default 1): node0 to node(M-1)")
+    # The dev chains only: their digits task is embedded, testnet's MNIST is a download.
+    up.add_argument("--network", choices=["dev", "dev-accuracy"], default="dev")
+    up.add_argument("--detach", action="store_true",
+                    help="leave the nodes running and return once they answer RPC")
+    status = testnet_commands.add_parser(
+        "status", help="every node's height, tip and peer count, side by side")
+    down = testnet_commands.add_parser("down", help="stop every node cleanly")
+    for command in (up, status, down):
+        command.add_argument("--datadir", required=True, metavar="DIR",
+                             help="the testnet's directory: DIR/node0, DIR/node1, ...")
+        command.set_defaults(run=_testnet)
 
 
 def main(argv: list[str] | None = None) -> int:
