@@ -53,6 +53,10 @@ log = logging.getLogger("dpodl.node")
 
 T = TypeVar("T")
 EVIDENCE = 64  # histories whose checkpoints are kept as fraud evidence
+# Blocks the tip moves between prunes: a prune lists every stored root and reads the
+# window's blocks, which during a sync cost as much as the checks (py-spy), so not on
+# every block; checkpoints stay up to this many blocks past the window.
+PRUNE_EVERY = 8
 MTX_SEARCH = 100  # main-chain blocks searched for a model transaction a fraud proof names
 
 
@@ -116,6 +120,7 @@ class Node:
         # the pooled mtxs' and our own: those we hold fraud evidence about (peers fetch
         # it from us).
         self._evidence: OrderedDict[Hash, None] = OrderedDict()
+        self._pruned_at = 0  # the height of the last prune
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -238,7 +243,8 @@ class Node:
     async def _new_tip(self, result: AddResult) -> None:
         await self.on_chain_thread(self.mempool.update_for_tip, result)
         busy = self.network.busy_roots() if self.network is not None else set()
-        await self.on_chain_thread(self._prune, busy | set(self._evidence))
+        if abs(self.store.height - self._pruned_at) >= PRUNE_EVERY:
+            await self.on_chain_thread(self._prune, busy | set(self._evidence))
         log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
         if self.network is not None:
             self.network.announce_block(self.store.tip_id)
@@ -292,6 +298,7 @@ class Node:
         """Drop the checkpoints retention does not keep (storage/retention.py): those of
         blocks older than the last keep_checkpoints, except `protect`'s and the pooled
         model transactions'. On the chain thread."""
+        self._pruned_at = self.store.height
         pooled = {tx.proof.ckpt_root for tx_id in self.mempool.ids()
                   if isinstance(tx := self.mempool.get(tx_id), ModelTx)}
         dropped = retention.prune(self.store, self.artifacts, self.config.keep_checkpoints,
