@@ -285,9 +285,9 @@ class Network:
             self._nonces.discard(nonce)
             return
         self._handshaking -= inbound
-        twin = dialled and next((p for p in self.peers.values() if not p.inbound
-                                 and p.listen_addr == (addr[0], addr[1])), None)
-        if twin:  # one node, dialled by name and by address (from gossip): one link
+        twin = None if dialled is None else next(
+            (p for p in self.peers.values() if not p.inbound and p.listen_addr == addr), None)
+        if twin is not None:  # one node, dialled by name and by address (from gossip): one link
             log.info("%s:%d is %r already", *dialled, twin)
             if dialled in self.manual:
                 twin.manual, twin.dialled = True, dialled
@@ -666,14 +666,9 @@ class Network:
                 log.debug("block %s added in %.3fs", block_id.hex()[:12], time.monotonic() - t0)
             except MissingArtifact as missing:
                 log.debug("block %s: %s", block_id.hex()[:12], missing)
-                try:
-                    await self.fetcher.fetch(missing.needs,
-                                             self._sources_of(missing.needs, peer, block_id))
-                except FetchFailed as e:
-                    log.info("block %s from %r not checked: %s", block_id.hex(), peer, e)
-                    self._punish_withholding(peer, e)
-                    break
-                continue
+                if await self._fetch_missing(missing, peer, block_id, f"block {block_id.hex()}"):
+                    continue
+                break
             except FraudFound as fraud:
                 log.warning("block %s: %s; sending the fraud proof", block_id.hex(), fraud)
                 self.sync.reject(block_id, convicted=True)
@@ -709,12 +704,21 @@ class Network:
         if task is not None:
             self._spawn(asyncio.to_thread(_prepare_quietly, self.node.engine, task))
 
-    def _punish_withholding(self, peer: Peer, failed: FetchFailed) -> None:
-        """A peer that sent a block or mtx and then says it lacks the model or history
-        its proof names misbehaves: it could not have checked what it relayed. (Not so
-        for checkpoints: a relay keeps only some and may fail to fetch the rest.)"""
-        if failed.need.kind != "checkpoint" and peer in failed.refused:
-            self.punish(peer, f"withheld-{failed.need.kind}")
+    async def _fetch_missing(self, missing: MissingArtifact, peer: Peer,
+                             block_id: Hash | None, what: str) -> bool:
+        """Fetch what checking a block or mtx from `peer` lacked; False when it could not
+        be had. A peer that sent it and then says it lacks the model or history its proof
+        names misbehaves: it could not have checked what it relayed. (Not so for
+        checkpoints: a relay keeps only some and may fail to fetch the rest.)"""
+        try:
+            await self.fetcher.fetch(missing.needs,
+                                     self._sources_of(missing.needs, peer, block_id))
+        except FetchFailed as e:
+            log.info("%s from %r not checked: %s", what, peer, e)
+            if e.need.kind != "checkpoint" and peer in e.refused:
+                self.punish(peer, f"withheld-{e.need.kind}")
+            return False
+        return True
 
     def busy_roots(self) -> set[Hash]:
         """The histories of the blocks and model transactions here to be checked: their
@@ -790,13 +794,9 @@ class Network:
             try:
                 await self.node.submit_transaction(tx)
             except MissingArtifact as missing:
-                try:
-                    await self.fetcher.fetch(missing.needs, self._sources_of(missing.needs, peer))
-                except FetchFailed as e:
-                    log.info("tx %s from %r not checked: %s", tx_id.hex(), peer, e)
-                    self._punish_withholding(peer, e)
-                    return
-                continue
+                if await self._fetch_missing(missing, peer, None, f"tx {tx_id.hex()}"):
+                    continue
+                return
             except FraudFound as fraud:
                 self._rejected_txs.add(tx_id)
                 self.broadcast(_notice(fraud))
