@@ -94,13 +94,26 @@ class NodeError(RuntimeError):
     """A node died, stalled or answered an error."""
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads) and of its live children,
+    from /proc."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += process_cpu_seconds(int(child))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return total + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class LocalNode:
     """A `dpodl node` child process in its own session (its miner child joins it), with
     its own data directory and ports, started as a user starts it."""
 
     def __init__(self, name: str, workdir: Path, *, peers: tuple[str, ...] = (),
                  mine: bool = False, datadir: Path | None = None, host: str = "127.0.0.1",
-                 log_level: str = "info", threads: int = 0) -> None:
+                 log_level: str = "info", threads: int = 0, flags: tuple[str, ...] = ()
+                 ) -> None:
         self.name = name
         self.datadir = datadir or workdir / name
         self.host = host
@@ -112,6 +125,7 @@ class LocalNode:
             argv += ["--peer", peer]
         if mine:
             argv.append("--mine")
+        argv += flags
         # Only the flags configure it: no DPODL_* variable of the caller's, no ~/.dpodl.
         env = {k: v for k, v in os.environ.items() if not k.startswith("DPODL_")}
         env["HOME"] = str(workdir)
@@ -170,9 +184,9 @@ class LocalNode:
         return block["received"], block["accepted"]
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the node process so far (all its threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time so far of the node process and its live children
+        (replay workers, the miner)."""
+        return process_cpu_seconds(self.proc.pid)
 
     def debug_log(self) -> Path:
         return self.datadir / "debug.log"

@@ -6,9 +6,10 @@ For each case (task) and each training configuration, several HtoA draws are tra
 the miner trains them: checkpoint after every k steps, from checkpoint 0 to the last
 interval asked for (by default the whole s_max). An evenly spread set of intervals is
 then replayed from its start checkpoint on every replay configuration through the
-verifier's own check (DPoDLEngine._audit: watermarks, committed update norm, replay of
-k steps, relative L2 distance of parameters and of momentum, reject above delta_ppm),
-and the replayed tensors' distances to the committed end checkpoint are recorded.
+verifier's own check (DPoDLEngine._start_audit and _finish_audit: watermarks, committed
+update norm, replay of k steps, relative L2 distance of parameters and of momentum,
+reject above delta_ppm), and the replayed tensors' distances to the committed end
+checkpoint are recorded.
 """
 
 import argparse
@@ -134,23 +135,26 @@ def replay(task: Task, h1: bytes, cache: DataCache, config: Config,
     """Audit each interval through the verifier's check, then measure its distances, and
     recount the committed end checkpoint as the verifier's recount would (§8 step 5)."""
     engine = DPoDLEngine(None, cache, device=config.device)  # type: ignore[arg-type]
-    trainer = engine._trainer(compute_htoa(task, h1), task)
+    draw = compute_htoa(task, h1)
     config.apply()
     records = []
     for i in audited:
         start, end = kept[i], kept[i + 1]
-        reason = ""
-        try:
-            engine._audit(trainer, task, start, end)  # leaves the replayed state in trainer
-        except ConsensusError as e:
-            reason = e.reason
-        params, momentum = trainer.snapshot()
         p0 = np.frombuffer(start.params, dtype="<f4")
         p1 = np.frombuffer(end.params, dtype="<f4")
         m1 = np.frombuffer(end.momentum, dtype="<f4")
-        trainer.load(p1, m1)
-        count_diff = abs(trainer.count_correct() - counts[i + 1])
-        dp, dm = compute_replay_distance(trainer.draw.hpp, (params, momentum), (p1, m1))
+        reason = ""
+        audit = engine._start_audit(task, draw, start, end)
+        try:
+            engine._finish_audit(task, draw, end, audit)
+        except ConsensusError as e:
+            reason = e.reason
+        if audit.exception() is not None:  # refused before the replay: measure it anyway
+            audit = engine.replayer.replay(task, draw, start.leaf.steps, p0,
+                                           np.frombuffer(start.momentum, dtype="<f4"))
+        params, momentum = audit.result()
+        count_diff = abs(engine.replayer.count_correct(task, draw, p1).result() - counts[i + 1])
+        dp, dm = compute_replay_distance(draw.hpp, (params, momentum), (p1, m1))
         records.append(Record(draw_no, i, dp * 1e6, dm * 1e6,
                               compute_relative_distance(p0, p1) * 1e6, count_diff, reason))
     return records
@@ -162,10 +166,10 @@ def forged_rejected(task: Task, h1: bytes, cache: DataCache, config: Config,
     pushed 2·delta off in parameter units (compute_replay_distance; re-hashed, so only the
     replay can catch it) must be rejected as bad-replay."""
     engine = DPoDLEngine(None, cache, device=config.device)  # type: ignore[arg-type]
-    trainer = engine._trainer(compute_htoa(task, h1), task)
+    draw = compute_htoa(task, h1)
     config.apply()
     params = np.frombuffer(end.params, dtype="<f4")
-    hpp = trainer.draw.hpp
+    hpp = draw.hpp
     noise = np.random.default_rng(0).standard_normal(len(params))
     scale = 2 * task.delta_ppm / 1e6 * np.linalg.norm(params) * (1 - hpp.momentum) / hpp.lr
     momentum = (np.frombuffer(end.momentum, dtype="<f4")
@@ -174,7 +178,7 @@ def forged_rejected(task: Task, h1: bytes, cache: DataCache, config: Config,
     forged = dataclasses.replace(forged, leaf=dataclasses.replace(
         forged.leaf, update_norm=end.leaf.update_norm))
     try:
-        engine._audit(trainer, task, start, forged)
+        engine._finish_audit(task, draw, forged, engine._start_audit(task, draw, start, forged))
     except ConsensusError as e:
         return e.reason == "bad-replay"
     return False

@@ -47,7 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.propagation import LocalNode, NodeError, close_all, wait_until
+from bench.propagation import LocalNode, NodeError, close_all, process_cpu_seconds, wait_until
+from node.config import DEFAULT_VERIFY_WORKERS
 
 GOAL = 1.2  # P2P sync time / direct verification time, from the issue
 START_TIMEOUT = 120.0
@@ -55,15 +56,18 @@ START_TIMEOUT = 120.0
 
 # -- direct (run as `python -m bench.sync --direct SOURCE_CHAIN WORKDIR`) ----------------------
 
-def direct(source_chain: Path, workdir: Path, threads: int) -> dict:
+def direct(source_chain: Path, workdir: Path, threads: int, workers: int) -> dict:
     """Add the source's main chain to a fresh store in this process; the add_block loop's
     wall time and each block's."""
+    import concurrent.futures
+
     import torch
 
     if threads:
         torch.set_num_threads(threads)
 
     from consensus.params import DEV
+    from mining.replay import ReplayPool
     from mining.trainer import DataCache
     from mining.verifier import DPoDLEngine
     from storage.artifacts import ArtifactStore
@@ -80,10 +84,15 @@ def direct(source_chain: Path, workdir: Path, threads: int) -> dict:
             if block is None:
                 raise RuntimeError(f"source: no block at height {height}")
             blocks.append(block)
+        # Replays where the node runs them, the workers started and warm before the
+        # timing, as a node starts them when it opens (before any block comes).
+        pool = ReplayPool(workers, None) if workers else None
+        if pool is not None:
+            concurrent.futures.wait(pool.prepare(DEV.genesis_task))
         with Database(workdir / "direct-chain") as db:
-            store = ChainStore(db, DEV, DPoDLEngine(artifacts, DataCache(None)))
+            store = ChainStore(db, DEV, DPoDLEngine(artifacts, DataCache(None), replayer=pool))
             per_block = []
-            cpu0 = time.process_time()
+            cpu0 = process_cpu_seconds(os.getpid())
             t0 = time.perf_counter()
             for block in blocks:
                 t = time.perf_counter()
@@ -92,20 +101,23 @@ def direct(source_chain: Path, workdir: Path, threads: int) -> dict:
                 if result.status != "connected":
                     raise RuntimeError(f"block {block.header.height}: {result.status}")
             elapsed = time.perf_counter() - t0
-            cpu = time.process_time() - cpu0
+            cpu = process_cpu_seconds(os.getpid()) - cpu0
             store.close()
+        if pool is not None:
+            pool.close()
         source.close()
     return {"seconds": elapsed, "cpu": cpu, "blocks": len(blocks), "per_block": per_block,
             "threads": torch.get_num_threads()}
 
 
-def run_direct(source: Path, workdir: Path, threads: int) -> dict:
+def run_direct(source: Path, workdir: Path, threads: int, workers: int) -> dict:
     """`direct` in a fresh child process, on a fresh copy of the source's chain."""
     chain = workdir / "source-chain"
     shutil.copytree(source / "chain", chain, ignore=shutil.ignore_patterns(".lock"))
     out = workdir / "direct.json"
     subprocess.run([sys.executable, "-m", "bench.sync", "--direct", str(chain), str(workdir),
-                    "--direct-out", str(out), "--threads", str(threads)],
+                    "--direct-out", str(out), "--threads", str(threads),
+                    "--verify-workers", str(workers)],
                    check=True, stdin=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -117,20 +129,24 @@ def run_p2p(source: Path, workdir: Path, height: int, args: argparse.Namespace,
     """A node serving a copy of the source and a fresh node syncing from it."""
     served = workdir / "served"
     shutil.copytree(source, served, ignore=shutil.ignore_patterns(".lock", ".cookie"))
+    flags = ("--verify-workers", str(args.verify_workers))
     server = LocalNode("server", workdir, datadir=served, threads=args.threads,
-                       log_level=args.log_level)
+                       log_level=args.log_level, flags=flags)
     nodes.append(server)
     server.wait_rpc()
     if server.call("getblockcount") != height:
         raise NodeError(f"the server is at {server.call('getblockcount')}, not {height}")
     t_start = time.time()
-    fresh = LocalNode("fresh", workdir, peers=(server.address,), threads=args.threads,
-                      log_level=args.log_level)
+    fresh = LocalNode("fresh", workdir, threads=args.threads, log_level=args.log_level,
+                      flags=flags)
     nodes.append(fresh)
     fresh.wait_rpc()
-    # CPU from here on is the sync's (and the nodes' idle upkeep): the fresh node answers
-    # RPC before it starts its P2P network, so no block has come yet.
+    # Started up, as the direct loop's pool is before its timing: the replay workers have
+    # imported torch and loaded the dataset. Then the peer, and the sync.
+    wait_until(lambda: fresh.call("getblockchaininfo")["verifyready"],  # type: ignore[index]
+               "the fresh node's replay workers", nodes, START_TIMEOUT)
     cpu0 = (fresh.cpu_seconds(), server.cpu_seconds())
+    fresh.call("addnode", server.address, "add")
     try:
         wait_until(lambda: fresh.call("getblockcount") == height,
                    f"the fresh node to sync {height} blocks", nodes, args.sync_timeout)
@@ -189,6 +205,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads for the direct process and (OMP_NUM_THREADS) "
                          "the nodes; 0: unset, PyTorch's default, as `dpodl node` runs")
+    ap.add_argument("--verify-workers", type=int, default=DEFAULT_VERIFY_WORKERS,
+                    help="replay worker processes, in the nodes (--verify-workers) and the "
+                         "direct loop alike; 0: on the chain thread (default: the node's, "
+                         "%(default)s here)")
     ap.add_argument("--log-level", default="info", choices=("debug", "info"),
                     help="the nodes' log level")
     ap.add_argument("--logs", type=Path, help="copy every node's debug.log into this folder")
@@ -196,13 +216,15 @@ def main() -> None:
     ap.add_argument("--direct-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.direct:
-        result = direct(Path(args.direct[0]), Path(args.direct[1]), args.threads)
+        result = direct(Path(args.direct[0]), Path(args.direct[1]), args.threads,
+                        args.verify_workers)
         Path(args.direct_out).write_text(json.dumps(result))
         return
     if args.blocks < 1 or args.runs < 1:
         ap.error("need --blocks >= 1 and --runs >= 1")
     print(f"cd {os.getcwd()} && {sys.executable} -m bench.sync --blocks {args.blocks} "
-          f"--runs {args.runs} --threads {args.threads} --sync-timeout {args.sync_timeout:g} "
+          f"--runs {args.runs} --threads {args.threads} --verify-workers {args.verify_workers} "
+          f"--sync-timeout {args.sync_timeout:g} "
           f"--mine-timeout {args.mine_timeout:g} --log-level {args.log_level}"
           + (f" --logs {args.logs}" if args.logs else ""), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -218,7 +240,8 @@ def main() -> None:
                     workdir = Path(tmp) / f"run{run}-{which}"
                     workdir.mkdir()
                     if which == "direct":
-                        out[which] = run_direct(source, workdir, args.threads)
+                        out[which] = run_direct(source, workdir, args.threads,
+                                                args.verify_workers)
                         assert out[which]["blocks"] == height
                     else:
                         try:

@@ -49,6 +49,7 @@ import random
 import secrets
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 
@@ -77,7 +78,8 @@ from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, compute_tx_id
 from mining.artifacts import ArtifactSource
 from mining.htoa import Draw, Hpp, compute_htoa
-from mining.trainer import DataCache, Trainer, compute_update_norm, from_bytes, to_bytes
+from mining.replay import InlineReplayer, Replayer, Snapshot
+from mining.trainer import DataCache, compute_update_norm, from_bytes, to_bytes
 
 DEFAULT_Q_LOCAL = 2
 # Subjects whose private audit choice is kept while their checkpoints are being fetched;
@@ -171,11 +173,12 @@ class DPoDLEngine:
 
     def __init__(self, artifacts: ArtifactSource, data: DataCache, *,
                  q_local: int = DEFAULT_Q_LOCAL, device: torch.device | str = "cpu",
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, replayer: Replayer | None = None) -> None:
         if q_local < 0:
             raise ValueError("q_local must be non-negative")
-        self.artifacts, self.data, self.q_local = artifacts, data, q_local
-        self.device = torch.device(device)
+        self.artifacts, self.q_local = artifacts, q_local
+        # Where the training runs (mining/replay.py); by default on the calling thread.
+        self.replayer = replayer or InlineReplayer(data, device)
         self.rng = rng or secrets.SystemRandom()
         # owner_id -> its private intervals, least recently used first; a lock because
         # a node may verify blocks and transactions on several executor threads.
@@ -225,7 +228,8 @@ class DPoDLEngine:
                 raise MissingArtifact(*needs)
             h1 = compute_prehash(prev_id, proof)
             draw = compute_htoa(task, h1, ref)
-            distance_ppm = self._audit(self._trainer(draw, task), task, start, end)
+            distance_ppm = self._finish_audit(task, draw, end,
+                                              self._start_audit(task, draw, start, end))
         except ConsensusError:
             self._forget_passes(prev_id, proof)
             return Verdict.HOLDS
@@ -264,10 +268,8 @@ class DPoDLEngine:
         public, private = self._plan(subject.owner_id, leaves)
         # Round 2; a MissingArtifact here keeps the plan, so the retry asks for no more.
         ckpts = self._get_checkpoints(subject, leaves, public + private)
-        trainer = self._trainer(draw, task)
         try:
-            self._recount(proof, task, trainer, model)
-            self._run_audits(subject, task, trainer, public, private, ckpts)
+            self._run_audits(subject, task, draw, model, public, private, ckpts)
         except ConsensusError:
             self._forget(subject.owner_id)
             raise
@@ -342,10 +344,7 @@ class DPoDLEngine:
         if not draw.signature.verify_array(from_bytes(model.params)):
             raise ConsensusError("bad-watermark", "the model does not carry its watermark")
 
-    def _recount(self, proof: Proof, task: Task, trainer: Trainer, model: ModelBlob) -> None:
-        params = from_bytes(model.params)
-        trainer.load(params, np.zeros_like(params))
-        recount = trainer.count_correct()
+    def _check_recount(self, proof: Proof, task: Task, recount: int) -> None:
         if abs(recount - proof.n_correct) > task.eps_correct:
             raise ConsensusError("bad-n-correct", f"claimed {proof.n_correct}, recounted "
                                                   f"{recount}, eps {task.eps_correct}")
@@ -434,54 +433,81 @@ class DPoDLEngine:
             raise MissingArtifact(*needs)
         return ckpts
 
-    def _run_audits(self, subject: _Subject, task: Task, trainer: Trainer,
+    def _run_audits(self, subject: _Subject, task: Task, draw: Draw, model: ModelBlob,
                     public: tuple[int, ...], private: tuple[int, ...],
                     ckpts: dict[int, Checkpoint]) -> None:
-        """Replay the public intervals, then the private ones; a private audit that fails
-        raises FraudFound with the interval's two checkpoints as the proof."""
-        for i in public:
-            self._audit(trainer, task, ckpts[i], ckpts[i + 1])
-        for i in private:
-            start, end = ckpts[i], ckpts[i + 1]
-            try:
-                self._audit(trainer, task, start, end)
-            except ConsensusError as e:
-                raise FraudFound(f"private audit of interval {i}: {e.reason}: {e.detail}",
-                                 FraudProof(subject.owner_id, start, end),
-                                 subject.proof.ckpt_root) from e
+        """Start the recount and every replay at once (a replay pool runs them side by
+        side), then judge them in order: the recount, the public intervals, the private
+        ones. A private audit that fails raises FraudFound with the interval's two
+        checkpoints as the proof. Once a verdict is in, replays not yet begun are dropped."""
+        recount = self.replayer.count_correct(task, draw, from_bytes(model.params))
+        audits = {i: self._start_audit(task, draw, ckpts[i], ckpts[i + 1])
+                  for i in public + private}
+        try:
+            self._check_recount(subject.proof, task, recount.result())
+            for i in public:
+                self._finish_audit(task, draw, ckpts[i + 1], audits[i])
+            for i in private:
+                try:
+                    self._finish_audit(task, draw, ckpts[i + 1], audits[i])
+                except ConsensusError as e:
+                    raise FraudFound(f"private audit of interval {i}: {e.reason}: {e.detail}",
+                                     FraudProof(subject.owner_id, ckpts[i], ckpts[i + 1]),
+                                     subject.proof.ckpt_root) from e
+        finally:
+            for future in audits.values():
+                future.cancel()
 
-    def _audit(self, trainer: Trainer, task: Task, start: Checkpoint, end: Checkpoint) -> float:
-        """Replay one interval from `start` and compare with `end` (PROTOCOL.md §8.7);
-        the replay's distance in ppm, within delta."""
-        signature = trainer.draw.signature
-        n = len(trainer.draw.init) * 4
+    def _start_audit(self, task: Task, draw: Draw, start: Checkpoint, end: Checkpoint
+                     ) -> "Future[Snapshot]":
+        """Check an interval's ends (their size, their watermarks, the committed update
+        norm between them) and start the replay from `start` (PROTOCOL.md §8.7); a check
+        that fails is the future's ConsensusError, met when the audit is judged."""
+        try:
+            p0 = self._interval_start(task, draw, start, end)
+        except ConsensusError as e:
+            failed: Future[Snapshot] = Future()
+            failed.set_exception(e)
+            return failed
+        return self.replayer.replay(task, draw, start.leaf.steps, p0, from_bytes(start.momentum))
+
+    def _interval_start(self, task: Task, draw: Draw, start: Checkpoint, end: Checkpoint
+                        ) -> np.ndarray:
+        """The parameters an interval starts from, once its checkpoints pass the checks
+        that need no replay."""
+        n = len(draw.init) * 4
         for ckpt in (start, end):
             if len(ckpt.params) != n or len(ckpt.momentum) != n:
                 raise ConsensusError("bad-ckpt-data", f"checkpoint {ckpt.leaf.index} does not "
                                                       f"fit the architecture")
-        p0, m0 = from_bytes(start.params), from_bytes(start.momentum)
-        p1, m1 = from_bytes(end.params), from_bytes(end.momentum)
+        p0, p1 = from_bytes(start.params), from_bytes(end.params)
         for index, params in ((start.leaf.index, p0), (end.leaf.index, p1)):
-            if not signature.verify_array(params):
+            if not draw.signature.verify_array(params):
                 raise ConsensusError("bad-watermark", f"checkpoint {index} lacks the watermark")
         tolerance = task.delta_ppm / 1e6
         committed = end.leaf.update_norm
         if abs(compute_update_norm(p0, p1) - committed) > tolerance * committed + 1:
             raise ConsensusError("bad-update-norm", f"interval {start.leaf.index}: committed "
                                                     f"{committed / NORM_SCALE}")
-        trainer.load(p0, m0)
-        trainer.train(start.leaf.steps, task.k)
-        distance = max(compute_replay_distance(trainer.draw.hpp, trainer.snapshot(), (p1, m1)))
+        return p0
+
+    def _finish_audit(self, task: Task, draw: Draw, end: Checkpoint,
+                      replay: "Future[Snapshot]") -> float:
+        """How far a replay landed from the interval's committed end, in ppm, within
+        delta; raises the audit's ConsensusError."""
+        committed = (from_bytes(end.params), from_bytes(end.momentum))
+        distance = max(compute_replay_distance(draw.hpp, replay.result(), committed))
         if distance * 1e6 > task.delta_ppm:
-            raise ConsensusError("bad-replay", f"interval {start.leaf.index} replays "
+            raise ConsensusError("bad-replay", f"interval {end.leaf.index - 1} replays "
                                                f"{distance * 1e6:.1f} ppm away, "
                                                f"delta {task.delta_ppm}")
         return distance * 1e6
 
     def prepare(self, task: Task) -> None:
-        """Load `task`'s dataset onto this engine's device now rather than at the first
-        replay, so that a caller can overlap the loading with the fetching of artifacts."""
-        self.data.resident(task.dataset, self.device)
+        """Load `task`'s dataset where the replays run now rather than at the first replay,
+        so that a caller can overlap the loading with the fetching of artifacts."""
+        self.replayer.prepare(task)
 
-    def _trainer(self, draw: Draw, task: Task) -> Trainer:
-        return Trainer(draw, self.data.resident(task.dataset, self.device), self.device)
+    def close(self) -> None:
+        """Stop the replayer's workers, if any."""
+        self.replayer.close()

@@ -49,6 +49,11 @@ class Signature:
         self._draws: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._groups: dict[tuple, list[_Group]] = {}
 
+    def __reduce__(self) -> tuple:
+        """Pickled (to a replay worker) as its data alone: the caches hold tensors bound
+        to this process's models."""
+        return Signature, (self.data, self.size)
+
     def draws(self, n_params: int) -> tuple[np.ndarray, np.ndarray]:
         """The flat indices (int64) and weights (float32) for a model of n_params."""
         found = self._draws.get(n_params)

@@ -5,7 +5,8 @@ Sources, lowest precedence first:
 1. defaults per network (the ports are the network's own, from consensus/params.py);
 2. `dpodl.toml` in the data directory, with the keys network, rpc_bind, rpc_port,
    p2p_bind, p2p_port, listen, peers (a list of "HOST:PORT"), mine, miner_key, device,
-   datasets, rpcauth (a list of rpcauth lines), log_level and keep_checkpoints;
+   datasets, rpcauth (a list of rpcauth lines), log_level, keep_checkpoints and
+   verify_workers;
 3. environment variables DPODL_<KEY> (DPODL_RPC_PORT, DPODL_RPCAUTH, ...) and
    DPODL_DATADIR: lists (DPODL_PEERS, DPODL_RPCAUTH) are comma-separated, DPODL_MINE and
    DPODL_LISTEN are 1/0/true/false/yes/no, and a variable set to "" counts as unset;
@@ -25,6 +26,7 @@ source, and no Config is built.
 
 import argparse
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -46,6 +48,12 @@ DEVICES = ("cpu", "cuda")
 # refused: it would drop a block's checkpoints as the block connects, before its auditors
 # have fetched them. A node that wants them all gives a large number.
 DEFAULT_KEEP_CHECKPOINTS = 32
+# Processes that replay audits (mining/replay.py): a core for each but one, which the
+# event loop, the chain thread and the miner share; at least one, and no more than 8
+# (a proof has at most 2 + q_local audits to run side by side, and each worker holds
+# torch and the dataset in memory). 0 replays on the chain thread.
+DEFAULT_VERIFY_WORKERS = max(1, min(8, (os.cpu_count() or 1) - 1))
+MAX_VERIFY_WORKERS = 64
 
 # A host name or IPv4 address; IPv6 addresses are checked by ipaddress instead.
 _HOST = re.compile(r"[A-Za-z0-9.-]+")
@@ -53,17 +61,18 @@ _PEER = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>
 # Bitcoin Core's share/rpcauth/rpcauth.py output: user:salt$hmac, salt and the
 # HMAC-SHA256 of the password in hex; the password itself is never stored.
 _RPCAUTH = re.compile(r"[^:$\s]+:[0-9a-fA-F]+\$[0-9a-fA-F]{64}")
+_COUNTS = {"keep_checkpoints": "blocks", "verify_workers": "processes"}  # what they count
 _MINE_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 _FILE_KEYS = ("network", "rpc_bind", "rpc_port", "p2p_bind", "p2p_port", "listen", "peers",
               "mine", "miner_key", "device", "datasets", "rpcauth", "log_level",
-              "keep_checkpoints")
+              "keep_checkpoints", "verify_workers")
 _FLAGS = {"network": "--network", "datadir": "--datadir", "rpc_bind": "--rpc-bind",
           "rpc_port": "--rpc-port", "p2p_bind": "--p2p-bind", "p2p_port": "--p2p-port",
           "listen": "--listen", "peers": "--peer",
           "mine": "--mine", "miner_key": "--miner-key", "device": "--device",
           "datasets": "--datasets", "log_level": "--log-level",
-          "keep_checkpoints": "--keep-checkpoints"}
+          "keep_checkpoints": "--keep-checkpoints", "verify_workers": "--verify-workers"}
 
 # Option name -> (value, where it came from: a flag, a variable, or "FILE: key").
 _Given = dict[str, tuple[object, str]]
@@ -91,6 +100,9 @@ class Config:
     log_level: str
     # Defaulted, unlike the rest, so that a Config built by hand (tests) need not name it.
     keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS
+    # Hand-built Configs replay on the chain thread: a test's in-process nodes start no
+    # worker processes. load_config defaults to DEFAULT_VERIFY_WORKERS.
+    verify_workers: int = 0
 
 
 def default_datadir(network: str) -> Path:
@@ -122,6 +134,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     add("--keep-checkpoints", metavar="N",
         help=f"keep the checkpoints of the last N blocks, at least 1 "
              f"(default {DEFAULT_KEEP_CHECKPOINTS})")
+    add("--verify-workers", metavar="N",
+        help=f"processes that replay audited training; 0 replays on the chain thread "
+             f"(default {DEFAULT_VERIFY_WORKERS} here: the cores but one, 1 to 8)")
 
 
 def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
@@ -145,7 +160,8 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
                 "p2p_bind": "0.0.0.0", "p2p_port": params.p2p_port, "listen": True,
                 "peers": (), "mine": False, "miner_key": None,
                 "device": "cpu", "datasets": None, "rpcauth": (), "log_level": "info",
-                "keep_checkpoints": DEFAULT_KEEP_CHECKPOINTS}
+                "keep_checkpoints": DEFAULT_KEEP_CHECKPOINTS,
+                "verify_workers": DEFAULT_VERIFY_WORKERS}
     values = defaults | file | overrides
     return Config(datadir=datadir, rpc_auth=values.pop("rpcauth"), **values)
 
@@ -191,9 +207,9 @@ def _from_text(option: str, text: str, where: str) -> object:
         if not text.isascii() or not text.isdigit():
             raise ConfigError(f"{where}: {text!r} is not a port number")
         return int(text)
-    if option == "keep_checkpoints":
+    if option in _COUNTS:
         if not text.isascii() or not text.isdigit():
-            raise ConfigError(f"{where}: {text!r} is not a number of blocks")
+            raise ConfigError(f"{where}: {text!r} is not a number of {_COUNTS[option]}")
         return int(text)
     if option in ("mine", "listen"):
         if text.lower() not in _MINE_WORDS:
@@ -241,6 +257,14 @@ def _block_count(value: object, where: str) -> int:
         raise ConfigError(f"{where}: expected a number of blocks, got {value!r}")
     if value < 1:
         raise ConfigError(f"{where}: {value} blocks is too few, the least is 1")
+    return value
+
+
+def _worker_count(value: object, where: str) -> int:
+    if type(value) is not int:
+        raise ConfigError(f"{where}: expected a number of processes, got {value!r}")
+    if not 0 <= value <= MAX_VERIFY_WORKERS:
+        raise ConfigError(f"{where}: {value} workers is out of range 0-{MAX_VERIFY_WORKERS}")
     return value
 
 
@@ -310,4 +334,5 @@ _CONVERT: dict[str, Callable[[object, str], object]] = {
     "rpcauth": _list(_rpcauth),
     "log_level": _choice(LOG_LEVELS),
     "keep_checkpoints": _block_count,
+    "verify_workers": _worker_count,
 }

@@ -160,7 +160,9 @@ class Methods:
                 "difficulty": compute_difficulty(tip.target), "time": tip.timestamp,
                 "chainwork": self.store.tip.chain_weight,
                 "forkrule": self.node.params.fork_rule,
-                "activetask": schedule.active.hex(), "taskends": schedule.end}
+                "activetask": schedule.active.hex(), "taskends": schedule.end,
+                "verifyworkers": self.node.config.verify_workers,
+                "verifyready": self.node.replay_ready}
 
     async def getblockcount(self) -> int:
         return self.store.height

@@ -14,7 +14,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from consensus.state import Schedule, compute_schedule
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, Transaction, compute_tx_id, sign_tx
 from mining.miner import Job, Reference, Solution
+from mining.replay import ReplayPool
 from mining.trainer import DataCache
 from mining.verifier import DPoDLEngine, FraudFound, Verdict
 from node.auth import Authenticator, remove_cookie, write_cookie
@@ -121,6 +122,12 @@ class Node:
         # it from us).
         self._evidence: OrderedDict[Hash, None] = OrderedDict()
         self._pruned_at = 0  # the height of the last prune
+        self._warming: list[Future] = []  # the replay workers' start-up
+
+    @property
+    def replay_ready(self) -> bool:
+        """Whether the replay workers have started (there is nothing to start with none)."""
+        return all(future.done() for future in self._warming)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -140,20 +147,26 @@ class Node:
             self.key, created = self.datadir.load_or_create_key()
             if created:
                 log.info("created the miner key %s", self.datadir.key_path)
-        # Verification trains on the chain thread, one block at a time; one torch thread
-        # each keeps several nodes (or a node beside its miner) from oversubscribing the
-        # cores: 10 dev blocks took 1.9 s on 1 thread and 10–13 s on 2 with 8 nodes on 2
-        # cores (bench/propagation.py, docs/benchmarks.md).
+        # Verification trains in --verify-workers processes (mining/replay.py), or on the
+        # chain thread with 0, on one torch thread each: that keeps several nodes (or a
+        # node beside its miner) from oversubscribing the cores: 10 dev blocks took 1.9 s
+        # on 1 thread and 10–13 s on 2 with 8 nodes on 2 cores (bench/propagation.py,
+        # docs/benchmarks.md).
         torch.set_num_threads(1)
         self.db = Database(self.datadir.chain_path)
         self.artifacts = ArtifactStore(self.db)
-        self.data = DataCache(None if self.config.datasets is None else str(self.config.datasets))
-        self.engine = DPoDLEngine(self.artifacts, self.data)
+        datasets = None if self.config.datasets is None else str(self.config.datasets)
+        self.data = DataCache(datasets)
+        workers = self.config.verify_workers
+        pool = ReplayPool(workers, datasets) if workers else None
+        self.engine = DPoDLEngine(self.artifacts, self.data, replayer=pool)
         self.store = ChainStore(self.db, self.params, self.engine)
         self.mempool = Mempool(self.params, self.store, self.engine)
         log.info("%s chain at height %d, tip %s", self.params.name, self.store.height,
                  self.store.tip_id.hex())
         self._prune(set())  # a lowered --keep-checkpoints takes effect at once
+        if pool is not None:  # start the workers (torch, the dataset) before a block comes
+            self._warming = pool.prepare(self.params.genesis_task)
 
     async def run(self, rpc: RpcServer) -> None:
         """Serve until SIGINT, SIGTERM or the `stop` RPC; then shut down cleanly."""
@@ -206,6 +219,7 @@ class Node:
         remove_cookie(self.datadir.path)
         self._chain_thread.shutdown(wait=True, cancel_futures=True)
         if self.db is not None:
+            self.engine.close()
             self.store.close()
             self.db = None
         self.datadir.unlock()

@@ -2,12 +2,20 @@
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
 from consensus.params import DEV, TESTNET
-from node.config import Config, ConfigError, add_node_arguments, default_datadir, load_config
+from node.config import (
+    DEFAULT_VERIFY_WORKERS,
+    Config,
+    ConfigError,
+    add_node_arguments,
+    default_datadir,
+    load_config,
+)
 
 AUTH1 = "alice:0123456789abcdef0123456789abcdef$" + "a" * 64
 AUTH2 = "bob:ff$" + "0123456789ABCDEF" * 4
@@ -45,7 +53,8 @@ def test_every_flag_defaults_to_not_given():
     assert all(value is None for value in vars(parse()).values())
     assert set(vars(parse())) == {"network", "datadir", "rpc_bind", "rpc_port", "p2p_bind",
                                   "p2p_port", "listen", "peers", "mine", "miner_key", "device",
-                                  "datasets", "log_level", "keep_checkpoints"}
+                                  "datasets", "log_level", "keep_checkpoints",
+                                  "verify_workers"}
 
 
 def test_defaults_for_dev(home):
@@ -54,7 +63,9 @@ def test_defaults_for_dev(home):
         network="dev", datadir=home / ".dpodl" / "dev", rpc_bind="127.0.0.1",
         rpc_port=DEV.rpc_port, p2p_bind="0.0.0.0", p2p_port=DEV.p2p_port, listen=True, peers=(),
         mine=False, miner_key=None,
-        device="cpu", datasets=None, rpc_auth=(), log_level="info")
+        device="cpu", datasets=None, rpc_auth=(), log_level="info",
+        verify_workers=DEFAULT_VERIFY_WORKERS)
+    assert 1 <= DEFAULT_VERIFY_WORKERS <= 8
     assert config.datadir == default_datadir("dev")
     assert not config.datadir.exists()  # loading reads, never creates
 
@@ -289,3 +300,22 @@ def test_config_is_frozen(datadir):
     assert not hasattr(config, "__dict__")  # slots: no stray attributes either
     assert dataclasses.replace(config, rpc_port=1).rpc_port == 1
     assert isinstance(config.peers, tuple) and isinstance(config.rpc_auth, tuple)
+
+
+def test_verify_workers_from_each_source(tmp_path):
+    assert load(tmp_path, file="verify_workers = 3\n").verify_workers == 3
+    assert load(tmp_path, env={"DPODL_VERIFY_WORKERS": "0"}).verify_workers == 0
+    assert load(tmp_path, "--verify-workers", "2",
+                env={"DPODL_VERIFY_WORKERS": "0"}).verify_workers == 2
+
+
+@pytest.mark.parametrize(("argv", "env", "file", "error"), [
+    (("--verify-workers", "-1"), {}, None, "--verify-workers: '-1' is not a number of processes"),
+    (("--verify-workers", "65"), {}, None, "--verify-workers: 65 workers is out of range 0-64"),
+    ((), {"DPODL_VERIFY_WORKERS": "two"}, None, "'two' is not a number of processes"),
+    ((), {}, "verify_workers = true\n", "expected a number of processes, got True"),
+    ((), {}, 'verify_workers = "2"\n', "expected a number of processes, got '2'"),
+])
+def test_bad_verify_workers_is_a_clear_error(tmp_path, argv, env, file, error):
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load(tmp_path, *argv, env=env, file=file)

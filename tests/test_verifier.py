@@ -170,7 +170,7 @@ def verify(cache: DataCache, solution: Solution, *, q_local: int = 0,
 # Where a rejection happened: in the cheap checks, before any checkpoint is fetched (so a
 # cheater cannot make a verifier fetch and replay for nothing); at the recount, which
 # waits for the audited checkpoints (so that a verifier fetching them recounts once) and
-# comes before any replay; or in the replay audits.
+# is judged before any replay; or in the replay audits.
 BEFORE_AUDITS, AT_RECOUNT, IN_AUDITS = "before-audits", "at-recount", "in-audits"
 
 
@@ -178,14 +178,14 @@ def rejection(cache: DataCache, solution: Solution, **kwargs: object
               ) -> tuple[ConsensusError, str]:
     artifacts = publish(solution, artifacts=RecordingArtifacts())
     audited = []
-    audit = DPoDLEngine._audit
+    audit = DPoDLEngine._finish_audit
 
-    def recording_audit(self: DPoDLEngine, *args: object) -> None:
+    def recording_audit(self: DPoDLEngine, *args: object) -> float:
         audited.append(args)
-        audit(self, *args)  # type: ignore[arg-type]
+        return audit(self, *args)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(ConsensusError) as exc:
-        patch.setattr(DPoDLEngine, "_audit", recording_audit)
+        patch.setattr(DPoDLEngine, "_finish_audit", recording_audit)
         verify(cache, solution, artifacts=artifacts, **kwargs)  # type: ignore[arg-type]
     where = IN_AUDITS if audited else AT_RECOUNT if artifacts.fetched else BEFORE_AUDITS
     return exc.value, where
@@ -1330,7 +1330,7 @@ def test_a_block_that_passed_passes_again_without_fetching_or_replaying(monkeypa
     artifacts.histories.clear()
     artifacts.checkpoints.clear()
     artifacts.fetched.clear()
-    monkeypatch.setattr(DPoDLEngine, "_audit", lambda *args: pytest.fail("replayed"))
+    monkeypatch.setattr(Trainer, "train", lambda *args: pytest.fail("replayed"))
     for _ in range(2):
         assert eng.validate_block_seal(EASY, header, TASK) is None
     assert recount.calls == 1 and not artifacts.fetched
