@@ -221,12 +221,18 @@ def _stop_and_report(nodes: list[LocalNode]) -> int:
     return 0 if all(": stopped" in r or "not running" in r for r in results) else 1
 
 
+def _existing_state(directory: Path) -> dict:
+    """The testnet state file's contents; TestnetError when there is none."""
+    state = read_state(directory)
+    if state is None:
+        raise TestnetError(f"{directory} holds no testnet ({STATE_NAME})")
+    return state
+
+
 def status(args: argparse.Namespace) -> int:
     directory = Path(args.datadir).absolute()
     try:
-        state = read_state(directory)
-        if state is None:
-            raise TestnetError(f"{directory} holds no testnet ({STATE_NAME})")
+        state = _existing_state(directory)
     except TestnetError as e:
         print(f"dpodl testnet status: {e}", file=sys.stderr)
         return 1
@@ -252,9 +258,7 @@ def status(args: argparse.Namespace) -> int:
 def down(args: argparse.Namespace) -> int:
     directory = Path(args.datadir).absolute()
     try:
-        state = read_state(directory)
-        if state is None:
-            raise TestnetError(f"{directory} holds no testnet ({STATE_NAME})")
+        state = _existing_state(directory)
         # A supervising `up` reads this when its nodes exit: they were meant to.
         write_state(directory, state | {"stopping": True})
     except (TestnetError, OSError) as e:
