@@ -23,7 +23,7 @@ from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey, check_signature
 from consensus.merkle import compute_root
 from consensus.proofs import Proof
-from consensus.transactions import NO_SIG, Transaction, compute_tx_id
+from consensus.transactions import NO_SIG, ModelTx, Transaction, compute_tx_id
 
 BLOCK_VERSION = 1
 MAX_BLOCK_TXS = 20_000
@@ -50,6 +50,11 @@ class Block:
 def compute_block_id(header: BlockHeader) -> Hash:
     """block_id = H("block", header without its signature)."""
     return tagged_hash("block", to_plain(header)[:-1])
+
+
+def block_proofs(block: Block) -> list[Proof]:
+    """The proofs a block carries: its own and its model transactions', in that order."""
+    return [block.header.proof, *(tx.proof for tx in block.txs if isinstance(tx, ModelTx))]
 
 
 def compute_tx_root(txs: tuple[Transaction, ...]) -> Hash:

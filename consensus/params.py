@@ -8,11 +8,13 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from consensus.blocks import BLOCK_VERSION, Block, BlockHeader
-from consensus.encoding import ZERO_HASH, Address, Hash
+from consensus.encoding import ZERO_HASH, Address
 from consensus.merkle import EMPTY_ROOT
 from consensus.proofs import Proof
 from consensus.tasks import (
+    DIGITS,
     FAMILY_MLP,
+    MNIST,
     ArchSpace,
     Dataset,
     HppSpace,
@@ -51,26 +53,6 @@ class ChainParams:
 def _task(dataset: Dataset, **fields: object) -> Task:
     return Task(dataset=dataset, publisher=Address(bytes(20)), bounty=0, **fields)  # type: ignore[arg-type]
 
-
-# scikit-learn's bundled 8×8 digits, pixel values 0..16 kept as uint8; rows 0..1296
-# train, 1297..1546 validation, 1547..1796 test, in the order sklearn ships them.
-DIGITS = Dataset(
-    name=b"digits", channels=1, height=8, width=8, classes=10,
-    train_hash=Hash(bytes.fromhex("66ea0d597936791a19d09adb5e37eb040375ab2801773d6b784d9c728c8c729a")),
-    val_hash=Hash(bytes.fromhex("744aa66c8ac0a220819ff107acec7f8d10a5ccbdfebb80b79b94e7d3a2ec7718")),
-    test_hash=Hash(bytes.fromhex("7fbb21c43dd251edde34054ea2d6fec2edda4b3495ead44ad8d23406d951d64b")),
-    train_size=1297, val_size=250, test_size=250,
-)
-
-# MNIST from its IDX files: the first 55,000 training images train, the last 5,000
-# validate, the 10,000 t10k images test.
-MNIST = Dataset(
-    name=b"mnist", channels=1, height=28, width=28, classes=10,
-    train_hash=Hash(bytes.fromhex("065de302ce9c03b20c3a3e178b1d9c486e2f64aacb2fdb82e5c90a78234d508f")),
-    val_hash=Hash(bytes.fromhex("95a65e2d0c3086467810a5c3349f44932160916781a171cc92cf9446361d28e2")),
-    test_hash=Hash(bytes.fromhex("41b146750691eca9418b3cfe50a5f968e3a2ad10ebffe7bc64aca8006feb9a9b")),
-    train_size=55_000, val_size=5_000, test_size=10_000,
-)
 
 DEV = ChainParams(
     name="dev",

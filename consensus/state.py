@@ -2,7 +2,8 @@
 
 State is a set of typed entries under `(kind, key)`: accounts, the models a chain has
 registered (for the reference restriction), the heights of its blocks (for a model
-transaction's tip), the tasks it has published and the task schedule. `apply_block`
+transaction's tip), the tasks it has published, the task schedule and the spans it has
+run (which task was active from which height to which). `apply_block`
 reads a `StateView` and returns a `StateDiff` of (key, before, after) triples; it
 never writes. Storage applies the diff and keeps the `before` values as undo data,
 so a reorganisation is the diffs read backwards.
@@ -62,14 +63,29 @@ class Schedule:
     queue: Annotated[tuple[Hash32, ...], MaxItems(MAX_TASK_QUEUE)] = ()
 
 
-STATE_TYPES: dict[str, type] = {
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One stretch of the schedule, under `("span", start height)`: the task active from
+    that height to `end`. The genesis task repeats, so a task may have several."""
+
+    task_id: Hash32
+    end: U64
+
+
+STATE_TYPES: dict[str, type] = {  # a kind's code in storage is its place here: append only
     "account": Account,
     "model": ModelRecord,
     "block": BlockRecord,
     "task": Task,
     "schedule": Schedule,
+    "span": Span,
 }
 SCHEDULE_KEY: StateKey = ("schedule", b"")
+
+
+def span_key(start: int) -> StateKey:
+    """Big-endian, so that spans list in height order."""
+    return ("span", start.to_bytes(8, "big"))
 
 
 class StateView(Protocol):
@@ -136,6 +152,7 @@ def compute_genesis_state(params: ChainParams) -> StateDiff:
     task_id = compute_task_id(params.genesis_task)
     overlay.set(("task", task_id), params.genesis_task)
     overlay.set(SCHEDULE_KEY, Schedule(task_id, 1, params.genesis_task.duration))
+    overlay.set(span_key(1), Span(task_id, params.genesis_task.duration))
     overlay.set(("block", compute_block_id(genesis_block(params).header)), BlockRecord(0))
     return overlay.diff()
 
@@ -261,6 +278,8 @@ def apply_block(params: ChainParams, view: StateView, block: Block) -> StateDiff
         raise ConsensusError("bad-task", f"block works on {proof.task_id.hex()}, "
                                          f"active is {schedule.active.hex()}")
     overlay.set(SCHEDULE_KEY, schedule)
+    if schedule.start == height:  # a span begins
+        overlay.set(span_key(height), Span(schedule.active, schedule.end))
     total = validate_proof_rules(overlay, task, height - 1, proof)
     _register_model(overlay, proof, height, total)
     overlay.set(("block", compute_block_id(header)), BlockRecord(height))

@@ -7,7 +7,7 @@ no float ever enters consensus.
 """
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Annotated
 
 from consensus.encoding import (
@@ -89,6 +89,32 @@ class Task:
     bounty: U64
 
 
+# scikit-learn's bundled 8×8 digits, pixel values 0..16 kept as uint8; rows 0..1296
+# train, 1297..1546 validation, 1547..1796 test, in the order sklearn ships them.
+DIGITS = Dataset(
+    name=b"digits", channels=1, height=8, width=8, classes=10,
+    train_hash=Hash(bytes.fromhex("66ea0d597936791a19d09adb5e37eb040375ab2801773d6b784d9c728c8c729a")),
+    val_hash=Hash(bytes.fromhex("744aa66c8ac0a220819ff107acec7f8d10a5ccbdfebb80b79b94e7d3a2ec7718")),
+    test_hash=Hash(bytes.fromhex("7fbb21c43dd251edde34054ea2d6fec2edda4b3495ead44ad8d23406d951d64b")),
+    train_size=1297, val_size=250, test_size=250,
+)
+
+# MNIST from its IDX files: the first 55,000 training images train, the last 5,000
+# validate, the 10,000 t10k images test.
+MNIST = Dataset(
+    name=b"mnist", channels=1, height=28, width=28, classes=10,
+    train_hash=Hash(bytes.fromhex("065de302ce9c03b20c3a3e178b1d9c486e2f64aacb2fdb82e5c90a78234d508f")),
+    val_hash=Hash(bytes.fromhex("95a65e2d0c3086467810a5c3349f44932160916781a171cc92cf9446361d28e2")),
+    test_hash=Hash(bytes.fromhex("41b146750691eca9418b3cfe50a5f968e3a2ad10ebffe7bc64aca8006feb9a9b")),
+    train_size=55_000, val_size=5_000, test_size=10_000,
+)
+
+# The datasets a task may name (PROTOCOL.md §2): a task naming any other, or these by
+# name with other hashes or sizes, could never be mined or checked by anyone, and would
+# stall the chain once active. A new dataset joins this list by a protocol change.
+DATASETS = {spec.name: spec for spec in (DIGITS, MNIST)}
+
+
 def compute_task_id(task: Task) -> Hash:
     """task_id = H("task", task)."""
     return tagged_hash("task", to_plain(task))
@@ -114,8 +140,24 @@ def compute_split_hash(images: bytes, labels: bytes, shape: tuple[int, ...]) -> 
 CNN_K_MAX = 10
 
 
+def validate_dataset(spec: Dataset) -> None:
+    """A task's dataset must be one of DATASETS, hashes and sizes included."""
+    known = DATASETS.get(spec.name)
+    if known is None:
+        raise ConsensusError("bad-task-dataset", f"unknown dataset {spec.name!r}; known: "
+                             + ", ".join(name.decode() for name in DATASETS))
+    if spec != known:
+        wrong = [f.name for f in fields(Dataset) if getattr(spec, f.name) != getattr(known, f.name)]
+        raise ConsensusError("bad-task-dataset-hash",
+                             f"{spec.name.decode()}: {', '.join(wrong)} differ from the "
+                             "dataset's own")
+
+
 def validate_task(task: Task) -> None:
-    """Reject a task whose parameters contradict each other (reason `bad-task-params`)."""
+    """Reject a task on an unknown dataset (`bad-task-dataset`), on a known one's name
+    with other split hashes or sizes (`bad-task-dataset-hash`), or whose parameters
+    contradict each other (`bad-task-params`)."""
+    validate_dataset(task.dataset)
     problems = []
     ds = task.dataset
     if not 0 < task.t_min <= task.t_acc <= ds.val_size:

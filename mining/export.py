@@ -8,12 +8,11 @@ and returns (N, classes) logits. Nothing of this project is needed to load it.
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from consensus.models import ModelBlob, check_params_fit
-from mining.trainer import build_model
+from consensus.models import ModelBlob
+from mining.trainer import load_model
 
 
 class _Scaled(nn.Module):
@@ -28,16 +27,8 @@ class _Scaled(nn.Module):
 
 def export_model(blob: ModelBlob, pixel_max: int, path: Path) -> None:
     """Write `blob` to `path` as TorchScript taking raw pixels of maximum `pixel_max`."""
-    if not check_params_fit(blob):
-        raise ValueError("the model's parameters do not fit its architecture")
-    net = build_model(blob.arch)
-    flat = torch.from_numpy(np.frombuffer(blob.params, dtype="<f4").copy())
-    offset = 0
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+    net = load_model(blob)
     try:
-        torch.jit.script(_Scaled(net.eval(), pixel_max)).save(str(path))
+        torch.jit.script(_Scaled(net, pixel_max)).save(str(path))
     except RuntimeError as e:  # torch's word for a path it cannot write
         raise OSError(f"cannot write {path}: {e}") from None

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from consensus.models import ModelBlob
 from consensus.tasks import Task, compute_task_id
 from mining.htoa import Draw
-from mining.trainer import DataCache, Trainer
+from mining.trainer import DataCache, Trainer, compute_correct, load_model
 
 TRAINERS_KEPT = 4  # draws whose trainer (model and buffers) a replayer keeps built
 PARENT_CHECK_SECONDS = 1.0  # how often a worker checks that its parent lives
@@ -58,6 +59,11 @@ class InlineReplayer:
         """How many validation examples `draw`'s network with `params` classifies right."""
         return _Deferred(self._count_correct, task, draw, params)
 
+    def score(self, task: Task, blobs: list[ModelBlob]) -> "Future[list[int]]":
+        """How many of the task's test images each model classifies right (the test split
+        is never used for consensus: this is the publisher's result, PROTOCOL.md §2)."""
+        return _Deferred(self._score, task, blobs)
+
     def prepare(self, task: Task) -> None:
         """Load `task`'s dataset now rather than at the first replay."""
         self.data.resident(task.dataset, self.device)
@@ -78,6 +84,11 @@ class InlineReplayer:
             trainer = self._trainer(task, draw)
             trainer.load(params, np.zeros_like(params))
             return trainer.count_correct()
+
+    def _score(self, task: Task, blobs: list[ModelBlob]) -> list[int]:
+        images, labels = self.data.splits(task.dataset).normalised("test", self.device)
+        return [int(compute_correct(load_model(blob).to(self.device), images, labels))
+                for blob in blobs]
 
     def _trainer(self, task: Task, draw: Draw) -> Trainer:
         key = (compute_task_id(task), draw.h1)  # h1 fixes the draw, within one task
@@ -114,6 +125,9 @@ class ReplayPool:
 
     def count_correct(self, task: Task, draw: Draw, params: np.ndarray) -> "Future[int]":
         return self._submit("_count_correct", task, draw, params)
+
+    def score(self, task: Task, blobs: list[ModelBlob]) -> "Future[list[int]]":
+        return self._submit("_score", task, blobs)
 
     def prepare(self, task: Task) -> list[Future]:
         """Start the workers and have them load `task`'s dataset now: one request per

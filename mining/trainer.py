@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from consensus.checkpoints import NORM_SCALE
-from consensus.models import CNN_KERNEL, Arch, compute_param_count, compute_param_shapes
+from consensus.models import (
+    CNN_KERNEL,
+    Arch,
+    ModelBlob,
+    check_params_fit,
+    compute_param_count,
+    compute_param_shapes,
+)
 from consensus.tasks import FAMILY_MLP, Dataset
 from mining.datasets import Splits, load_dataset
 from mining.htoa import DataOrder, Draw
@@ -44,6 +51,20 @@ def build_model(arch: Arch) -> nn.Module:
             c, h, w = out, h // 2, w // 2
         layers += [nn.Flatten(), nn.Linear(c * h * w, arch.classes)]
     return nn.Sequential(*layers)
+
+
+def load_model(blob: ModelBlob) -> nn.Module:
+    """The network of a chain model, with its parameters (float32, declared order)."""
+    if not check_params_fit(blob):
+        raise ValueError("the model's parameters do not fit its architecture")
+    net = build_model(blob.arch)
+    flat = torch.from_numpy(from_bytes(blob.params))
+    offset = 0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return net.eval()
 
 
 def to_bytes(flat: np.ndarray) -> bytes:

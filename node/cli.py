@@ -123,27 +123,46 @@ def _submit_task(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _write_model(args: argparse.Namespace, model_id: str, file: str) -> str:
+    """Write a chain model as TorchScript; a line saying what was written. Raises the
+    client's errors, ValueError, KeyError or OSError."""
     from consensus.models import Arch, ModelBlob
     from mining.datasets import compute_pixel_max
     from mining.export import export_model
 
+    model = _client(args, "getmodel", model_id, True)
+    if "weights" not in model:
+        raise ValueError(f"the node has no weights for model {model_id}")
+    if "task" not in model:
+        raise ValueError(f"model {model_id} is not on this chain")
+    arch = Arch(**{**model["architecture"], "widths": tuple(model["architecture"]["widths"])})
+    dataset = _client(args, "gettask", model["task"])["dataset"]["name"]
+    export_model(ModelBlob(arch, bytes.fromhex(model["weights"])),
+                 compute_pixel_max(dataset), Path(file))
+    return (f"{file}: {model['parameters']} parameters, {dataset} images in; "
+            "load with torch.jit.load")
+
+
+def _export(args: argparse.Namespace) -> int:
     try:
-        model = _client(args, "getmodel", args.model_id, True)
-        if "weights" not in model:
-            raise ValueError(f"the node has no weights for model {args.model_id}")
-        if "task" not in model:
-            raise ValueError(f"model {args.model_id} is not on this chain")
-        arch = Arch(**{**model["architecture"],
-                       "widths": tuple(model["architecture"]["widths"])})
-        dataset = _client(args, "gettask", model["task"])["dataset"]["name"]
-        export_model(ModelBlob(arch, bytes.fromhex(model["weights"])),
-                     compute_pixel_max(dataset), Path(args.file))
+        print(_write_model(args, args.model_id, args.file))
     except (*_client_errors(), ValueError, KeyError, OSError) as e:
         print(f"dpodl model export: {e}", file=sys.stderr)
         return 1
-    print(f"{args.file}: {model['parameters']} parameters, {dataset} images in; "
-          f"load with torch.jit.load")
+    return 0
+
+
+def _task_result(args: argparse.Namespace) -> int:
+    try:
+        result = _client(args, "gettaskresult", args.task_id,
+                         *(() if args.height is None else (args.height,)))
+        written = args.export and _write_model(args, result["model"], args.export)
+    except (*_client_errors(), ValueError, KeyError, OSError) as e:
+        print(f"dpodl task result: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    if written:
+        print(written, file=sys.stderr)
     return 0
 
 
@@ -246,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--fee", type=_amount, default=1, help="base units (default 1)")
     submit.add_argument("--key", help="the publisher's key file (default: the node's key)")
     submit.set_defaults(run=_submit_task)
+    result = task_commands.add_parser("result", help="the best model a finished task "
+                                                     "delivered (gettaskresult)")
+    _client_arguments(result)
+    result.add_argument("task_id", nargs="?", help="the task (default: the last to finish)")
+    result.add_argument("--height", type=int, help="the task's span that covers this height")
+    result.add_argument("--export", metavar="FILE", help="also write the model to FILE")
+    result.set_defaults(run=_task_result)
     model = commands.add_parser("model", help="models on the chain")
     model_commands = model.add_subparsers(dest="model_command", metavar="COMMAND",
                                           required=True)

@@ -18,9 +18,10 @@ from consensus.encoding import DecodeError, Hash, decode, encode
 from consensus.errors import ConsensusError
 from consensus.keys import compute_address
 from consensus.seal import MissingArtifact
-from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule
+from consensus.state import SCHEDULE_KEY, Account, ModelRecord, Schedule, Span
 from consensus.tasks import FAMILY_CNN, FAMILY_MLP, compute_task_id
 from consensus.transactions import ModelTx, TaskTx, Transaction, compute_tx_id, signer_address
+from mining.datasets import DatasetError
 from node.auth import Authenticator
 from node.config import ConfigError, parse_peer
 from node.node import Node
@@ -37,10 +38,12 @@ from node.rpc import (
     param_int,
     param_str,
 )
+from node.task_results import TaskNotFinished
 from p2p.addrman import parse_address
 from p2p.messages import PROTOCOL_VERSION
 from p2p.network import USER_AGENT, Network
 from storage.chain import ChainStore, MissingParent
+from storage.results import TaskResult
 from storage.schema import STATUS_INVALID, STATUS_VALID
 
 DESERIALIZATION_ERROR = -22  # Core's RPC_DESERIALIZATION_ERROR
@@ -51,6 +54,7 @@ NODE_NOT_ADDED = -24
 NODE_NOT_CONNECTED = -29
 CLIENT_INVALID_IP_OR_SUBNET = -30
 FAMILY_NAMES = {FAMILY_MLP: "mlp", FAMILY_CNN: "cnn"}
+REFERENCE_CHAIN_SHOWN = 256  # links of a reference chain a block's record lists
 
 
 def to_json(value: Any) -> Any:
@@ -94,6 +98,7 @@ class Methods:
         record: ModelRecord | None = self.store.get_state(("model", proof.model_id))
         blob = self.node.artifacts.get_model(proof.model_id)
         history = self.node.artifacts.get_history(proof.ckpt_root)
+        test = self.node.scorer.results.score(proof.model_id)
         val_size = task.dataset.val_size if task else None
         out = {
             "task": proof.task_id.hex(),
@@ -107,8 +112,11 @@ class Methods:
             "n_correct": proof.n_correct,
             "validation_size": val_size,
             "validation_accuracy": None if not val_size else proof.n_correct / val_size,
-            "test_accuracy": None,  # evaluated when the task ends (not yet implemented)
+            # counted on the test split once the block's task span ends (gettaskresult)
+            "test_accuracy": None if test is None or task is None
+            else test / task.dataset.test_size,
             "reference_model": proof.ref_model.hex() or None,
+            "reference_chain": self._reference_chain(proof.ref_model),
             "model": proof.model_id.hex(),
             "checkpoint_root": proof.ckpt_root.hex(),
             # What this node can serve of the history: all of it for recent blocks
@@ -118,6 +126,26 @@ class Methods:
             "miner": compute_address(proof.miner).hex(),
             "nonce": proof.nonce,
         }
+        return out
+
+    def _reference_chain(self, model_id: bytes) -> list[dict]:
+        """The models a model was trained from, each with its own steps and history's
+        total, back to HtoA's initialisation (the first REFERENCE_CHAIN_SHOWN of them)."""
+        out: list[dict] = []
+        while model_id and len(out) < REFERENCE_CHAIN_SHOWN:
+            origin = self.store.model_origin(Hash(model_id))
+            if origin is None:  # a side branch's model: this chain never registered it
+                out.append({"model": model_id.hex(), "onchain": False})
+                break
+            block_id, proof = origin
+            record: ModelRecord = self.store.get_state(("model", model_id))
+            header = self.store.get_header(block_id)
+            out.append({"model": model_id.hex(), "onchain": True,
+                        "kind": "block" if header.proof.model_id == model_id else "mtx",
+                        "block": block_id.hex(), "height": record.height,
+                        "miner": compute_address(proof.miner).hex(), "steps": proof.steps,
+                        "total_steps": record.total_steps, "n_correct": proof.n_correct})
+            model_id = proof.ref_model
         return out
 
     def _header_json(self, header: BlockHeader) -> dict:
@@ -236,6 +264,8 @@ class Methods:
                 "device": node.config.device, "task": compute_task_id(task).hex(),
                 "minedblocks": stats.blocks, "modeltxs": stats.mtxs, "stale": stats.stale,
                 "draws": stats.draws, "error": stats.error,
+                # optimizer steps of the checkpoints the miner committed, by task
+                "trainedsteps": {task_id.hex(): steps for task_id, steps in stats.trained.items()},
                 "current": None if progress is None else {
                     "h1": progress.h1.hex(), "steps": progress.steps,
                     "n_correct": progress.n_correct,
@@ -347,30 +377,88 @@ class Methods:
 
     # -- tasks and models ------------------------------------------------------------------
 
-    def _task_json(self, task_id: Hash, status: str, schedule: Schedule) -> dict:
+    def _task_json(self, task_id: Hash, status: str, start: int | None = None,
+                   end: int | None = None) -> dict:
         task = self.store.get_task(task_id)
         out = {"id": task_id.hex(), "status": status, **to_json(task)}
         out["dataset"]["name"] = task.dataset.name.decode()
-        if status == "active":
-            out["start"], out["end"] = schedule.start, schedule.end
+        if start is not None:
+            out["start"], out["end"] = start, end
         return out
 
-    async def listtasks(self) -> list:
+    def _finished_spans(self, task_id: Hash | None = None) -> list[tuple[int, Span]]:
+        """The spans that have ended on the main chain (of one task), newest first."""
+        tip = self.store.height
+        return [(start, span) for start, span in reversed(self.store.spans())
+                if span.end <= tip and task_id in (None, span.task_id)]
+
+    def _result_json(self, result: TaskResult) -> dict:
+        dataset = self.store.get_task(result.task_id).dataset
+        return {"task": result.task_id.hex(), "start": result.start, "end": result.end,
+                "model": result.model_id.hex(), "block": result.block_id.hex(),
+                "height": result.height, "miner": result.miner.hex(),
+                "validation_correct": result.n_correct, "validation_size": dataset.val_size,
+                "validation_accuracy": result.n_correct / dataset.val_size,
+                "test_correct": result.test_correct, "test_size": dataset.test_size,
+                "test_accuracy": result.test_correct / dataset.test_size,
+                "total_steps": result.total_steps, "models_scored": result.scored,
+                "scored_at": result.time}
+
+    async def listtasks(self, finished: object = 10) -> list:
+        """The active task, the queued ones in order, then the last `finished` spans that
+        ended, newest first, each with its result once scored (see gettaskresult)."""
+        count = param_int(finished, "finished", min=0, max=10_000)
         schedule, _ = self.node.next_schedule()
-        return ([self._task_json(schedule.active, "active", schedule)]
-                + [self._task_json(i, "queued", schedule) for i in schedule.queue])
+        out = ([self._task_json(schedule.active, "active", schedule.start, schedule.end)]
+               + [self._task_json(i, "queued") for i in schedule.queue])
+        for start, span in self._finished_spans()[:count]:
+            result = self.node.scorer.current(start, span)
+            out.append(self._task_json(span.task_id, "finished", start, span.end)
+                       | {"result": None if result is None else self._result_json(result)})
+        return out
 
     async def gettask(self, task_id: object = None) -> dict:
+        """A task and its status: active, queued or finished (with its last span)."""
         schedule, active = self.node.next_schedule()
         if task_id is None:
-            return self._task_json(compute_task_id(active), "active", schedule)
+            return self._task_json(compute_task_id(active), "active", schedule.start,
+                                   schedule.end)
         wanted = Hash(param_hex(task_id, "task_id", size=32))
         if self.store.get_task(wanted) is None:
             raise RpcError(INVALID_ADDRESS_OR_KEY, "Task not found")
         if wanted == schedule.active:
-            return self._task_json(wanted, "active", schedule)
-        status = "queued" if wanted in schedule.queue else "finished"
-        return self._task_json(wanted, status, schedule)
+            return self._task_json(wanted, "active", schedule.start, schedule.end)
+        if wanted in schedule.queue:
+            return self._task_json(wanted, "queued")
+        spans = self._finished_spans(wanted)
+        if not spans:  # known from a side branch only
+            raise RpcError(INVALID_ADDRESS_OR_KEY, "Task not on the main chain")
+        start, span = spans[0]
+        return self._task_json(wanted, "finished", start, span.end)
+
+    async def gettaskresult(self, task_id: object = None, height: object = None) -> dict:
+        """The best model a finished task delivered (M*, PROTOCOL.md §2): the span's block
+        model with the most test images right, as this node counted them. By default the
+        last span that ended (of `task_id`, when given); `height` picks the span that
+        covers it. A span not yet scored is scored now."""
+        wanted = None
+        if task_id is not None:
+            wanted = Hash(param_hex(task_id, "task_id", size=32))
+            if self.store.get_task(wanted) is None:
+                raise RpcError(INVALID_ADDRESS_OR_KEY, "Task not found")
+        spans = self._finished_spans(wanted)
+        if height is not None:
+            at = param_int(height, "height", min=1)
+            spans = [(start, span) for start, span in spans if start <= at <= span.end]
+        if not spans:
+            raise RpcError(MISC_ERROR, "task-not-finished: no span of it has ended on the "
+                                       f"main chain (height {self.store.height})")
+        try:
+            return self._result_json(await self.node.scorer.result(*spans[0]))
+        except TaskNotFinished as e:  # a reorganisation shortened the chain meanwhile
+            raise RpcError(MISC_ERROR, f"task-not-finished: {e}") from None
+        except DatasetError as e:
+            raise RpcError(MISC_ERROR, f"dataset-unavailable: {e}") from None
 
     async def getmodel(self, model_id: object, weights: object = False) -> dict:
         mid = Hash(param_hex(model_id, "model_id", size=32))

@@ -15,13 +15,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from aiohttp import web
 
-from consensus.blocks import Block, assemble_block, compute_block_id
+from consensus.blocks import Block, assemble_block, block_proofs, compute_block_id
 from consensus.checkpoints import FraudProof
 from consensus.difficulty import compute_mtx_target
 from consensus.encoding import Hash
@@ -43,11 +43,13 @@ from node.datadir import DataDir, read_key_file
 from node.mempool import Mempool
 from node.miner_service import MinerService, Progress
 from node.rpc import RpcServer
+from node.task_results import TaskScorer
 from p2p.network import NetConfig, Network
 from storage import retention
 from storage.artifacts import ArtifactStore
 from storage.chain import AddResult, ChainStore, MissingParent, TipState
 from storage.db import Database
+from storage.results import ResultStore
 from storage.schema import STATUS_INVALID
 
 log = logging.getLogger("dpodl.node")
@@ -69,6 +71,7 @@ class MiningStats:
     mtxs: int = 0
     stale: int = 0
     draws: int = 0
+    trained: dict[Hash, int] = field(default_factory=dict)  # optimizer steps, by task
     progress: Progress | None = None
     error: str | None = None
 
@@ -162,6 +165,8 @@ class Node:
         self.engine = DPoDLEngine(self.artifacts, self.data, replayer=pool)
         self.store = ChainStore(self.db, self.params, self.engine)
         self.mempool = Mempool(self.params, self.store, self.engine)
+        self.scorer = TaskScorer(self.store, self.artifacts, self.engine.replayer,
+                                 ResultStore(self.db), self.on_chain_thread)
         log.info("%s chain at height %d, tip %s", self.params.name, self.store.height,
                  self.store.tip_id.hex())
         self._prune(set())  # a lowered --keep-checkpoints takes effect at once
@@ -216,6 +221,8 @@ class Node:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.db is not None:
+            await self.scorer.close()
         remove_cookie(self.datadir.path)
         self._chain_thread.shutdown(wait=True, cancel_futures=True)
         if self.db is not None:
@@ -260,6 +267,7 @@ class Node:
         if abs(self.store.height - self._pruned_at) >= PRUNE_EVERY:
             await self.on_chain_thread(self._prune, busy | set(self._evidence))
         log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
+        self.scorer.on_tip({self.store.get_header(i).height for i in result.connected})
         if self.network is not None:
             self.network.announce_block(self.store.tip_id)
         await self._renew_job()
@@ -387,8 +395,7 @@ class Node:
             block = self.store.get_block(block_id) if block_id else None
             if block is None:
                 break
-            for proof in (block.header.proof,
-                          *(tx.proof for tx in block.txs if isinstance(tx, ModelTx))):
+            for proof in block_proofs(block):
                 rank = (proof.n_correct, height)
                 if proof.task_id == task_id and (best is None or rank > best[0]):
                     best = rank, proof.model_id
@@ -435,6 +442,9 @@ class Node:
             if previous is None or previous.h1 != payload.h1:
                 self.stats.draws += 1
             self.stats.progress = payload
+            if miner.job is not None:  # a checkpoint: k more steps trained for the task
+                task_id = compute_task_id(miner.job.task)
+                self.stats.trained[task_id] = self.stats.trained.get(task_id, 0) + miner.job.task.k
         elif kind == "error":
             self.stats.error = str(payload)
             log.error("miner: %s", payload)

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from consensus.blocks import Block, compute_block_id
+from consensus.blocks import Block, block_proofs, compute_block_id
 from consensus.encoding import ZERO_HASH, Hash
 from consensus.errors import ConsensusError
 from consensus.proofs import Proof
@@ -553,7 +553,7 @@ class Network:
                 return  # we asked, then dropped the request: a late answer
             raise ProtocolError("unrequested-data", "a block not asked for")
         self.node.block_times.received(compute_block_id(block.header))
-        self._note_sources(_proofs(block), peer)
+        self._note_sources(block_proofs(block), peer)
         self._spawn(self._prefetch(block, peer))
         self._blocks_ready.set()
         self._request_blocks()
@@ -727,7 +727,7 @@ class Network:
         txs = [*self._tx_adding.values(),
                *(tx for waiting in self._waiting_txs.values() for _, _, tx in waiting)]
         return ({proof.ckpt_root for block in blocks + [self._adding] if block is not None
-                 for proof in _proofs(block)}
+                 for proof in block_proofs(block)}
                 | {tx.proof.ckpt_root for tx in txs if isinstance(tx, ModelTx)})
 
     async def _keep_recent_checkpoints(self) -> None:
@@ -768,7 +768,7 @@ class Network:
         verifier's cheap checks do not wait for this: a block that fails them costs no
         download, and a fetch it then asks for joins the one under way."""
         needs = []
-        for proof in _proofs(block):
+        for proof in block_proofs(block):
             needs += [Need("model", proof.model_id), Need("history", proof.ckpt_root)]
             if proof.ref_model:
                 needs.append(Need("model", Hash(proof.ref_model)))
@@ -899,11 +899,6 @@ class Network:
 
 def _notice(fraud: FraudFound) -> FraudNotice:
     return FraudNotice(fraud.proof.owner_id, fraud.proof.start.leaf.index)
-
-
-def _proofs(block: Block) -> list[Proof]:
-    """The proofs a block carries: its own and its model transactions'."""
-    return [block.header.proof, *(tx.proof for tx in block.txs if isinstance(tx, ModelTx))]
 
 
 def _prepare_quietly(engine: DPoDLEngine, task: Task) -> None:

@@ -20,14 +20,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from consensus.blocks import Block, BlockHeader, compute_block_id
+from consensus.blocks import Block, BlockHeader, block_proofs, compute_block_id
 from consensus.difficulty import compute_next_target
 from consensus.encoding import Hash, encode
 from consensus.errors import ConsensusError
 from consensus.fork_choice import ChainTip, check_better_tip, select_best_tip
 from consensus.params import ChainParams, genesis_block
+from consensus.proofs import Proof
 from consensus.seal import SealEngine
-from consensus.state import Account, StateKey, apply_block, compute_genesis_state
+from consensus.state import (
+    Account,
+    ModelRecord,
+    Span,
+    StateKey,
+    apply_block,
+    compute_genesis_state,
+)
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import TaskTx
 from consensus.validation import HeaderContext, compute_median_time_past, validate_block
@@ -190,10 +198,27 @@ class ChainStore:
     def account(self, address: bytes) -> Account:
         return self.get_state(("account", address)) or Account()
 
-    def iterate_state(self) -> Iterator[tuple[StateKey, Any]]:
-        for db_key, raw in self.db.iterate(schema.STATE):
+    def iterate_state(self, kind: str | None = None) -> Iterator[tuple[StateKey, Any]]:
+        """Every state entry, or every one of `kind`, in key order."""
+        prefix = schema.STATE if kind is None else schema.state_key((kind, b""))
+        for db_key, raw in self.db.iterate(prefix):
             key = schema.state_key_from_db(db_key)
             yield key, schema.decode_state_value(key, raw)
+
+    def spans(self) -> list[tuple[int, Span]]:
+        """(start height, span) of every task span the main chain has begun, oldest first."""
+        return [(int.from_bytes(key[1], "big"), span) for key, span in self.iterate_state("span")]
+
+    def model_origin(self, model_id: Hash) -> tuple[Hash, Proof] | None:
+        """The main-chain block that registered `model_id` and the proof that did (the
+        block's own or one of its model transactions'); None for a model not on it."""
+        record: ModelRecord | None = self.get_state(("model", model_id))
+        block_id = None if record is None else self.main_chain_id(record.height)
+        block = None if block_id is None else self.get_block(block_id)
+        for proof in block_proofs(block) if block is not None else ():
+            if proof.model_id == model_id:
+                return block_id, proof
+        return None
 
     def chain_tips(self) -> list[tuple[Hash, IndexEntry]]:
         """Every block without children: the active tip and the ends of side branches."""

@@ -18,10 +18,9 @@ under them.
 
 from collections.abc import Iterable, Iterator
 
-from consensus.blocks import Block
+from consensus.blocks import Block, block_proofs
 from consensus.encoding import Hash
 from consensus.seal import Need
-from consensus.transactions import ModelTx
 from storage.artifacts import ArtifactStore
 from storage.chain import ChainStore
 from storage.db import StorageError
@@ -32,8 +31,7 @@ MISSING_LIMIT = 64  # needs per missing() call: a fetch slice, not the whole win
 
 def proof_roots(block: Block) -> list[Hash]:
     """The ckpt_roots of a block's proofs: its own and its model transactions'."""
-    return [block.header.proof.ckpt_root,
-            *(tx.proof.ckpt_root for tx in block.txs if isinstance(tx, ModelTx))]
+    return [proof.ckpt_root for proof in block_proofs(block)]
 
 
 def recent_blocks(store: ChainStore, keep: int) -> Iterator[Block]:

@@ -7,12 +7,15 @@ One byte of prefix names the table; nobody outside this module formats a key.
     H height        id of the main-chain block at height (8 bytes big-endian)
     T               id of the best tip
     N               ChainMeta: which network this database belongs to
-    S kind key      a state entry (account, model, block, task, schedule)
+    S kind key      a state entry (account, model, block, task, schedule, span)
     U id            Undo: the state entries a connected block overwrote
     K task_id       a task, content-addressed (for weighing blocks off the main chain)
     M model_id      ModelBlob: a model's architecture and parameters
     L ckpt_root     History: the leaves of a training history
     C ckpt_root i   Checkpoint i of that history (leaf, Merkle path, tensors)
+    O ckpt_root     marks this node's own solutions' histories (never pruned)
+    R start         TaskResult of the task span that starts at that height (node-local)
+    E model_id      a block model's test-split score, as this node counted it (node-local)
 """
 
 import struct
@@ -35,6 +38,8 @@ MODEL = b"M"
 HISTORY = b"L"
 CHECKPOINT = b"C"
 OWN = b"O"  # ckpt_roots of this node's own solutions: their checkpoints are never pruned
+RESULT = b"R"
+SCORE = b"E"
 
 # Validity of an indexed block. STORED: its context checks passed and its data is
 # here; VALID: it has been connected, so its state transition is known to be good.
@@ -118,6 +123,14 @@ def checkpoint_prefix_end(ckpt_root: Hash) -> bytes:
 
 def own_key(ckpt_root: Hash) -> bytes:
     return OWN + ckpt_root
+
+
+def result_key(start: int) -> bytes:
+    return RESULT + struct.pack(">Q", start)
+
+
+def score_key(model_id: Hash) -> bytes:
+    return SCORE + model_id
 
 
 def split_checkpoint_key(key: bytes) -> tuple[Hash, int]:

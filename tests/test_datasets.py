@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from consensus.params import DIGITS, MNIST
-from consensus.tasks import Dataset, compute_split_hash
+from consensus.tasks import DIGITS, MNIST, Dataset, compute_split_hash
 from mining.datasets import DatasetError, load_dataset
 
 MNIST_FILES = (

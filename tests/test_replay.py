@@ -17,11 +17,12 @@ import pytest
 from consensus.blocks import compute_block_id
 from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
+from consensus.models import ModelBlob
 from consensus.params import genesis_block
 from mining.artifacts import MemoryArtifacts
 from mining.htoa import compute_htoa
 from mining.replay import InlineReplayer, ReplayPool
-from mining.trainer import DataCache, DeviceData, Trainer
+from mining.trainer import DataCache, DeviceData, Trainer, compute_correct, load_model, to_bytes
 from mining.verifier import DPoDLEngine, FraudFound
 from tests.forge import EASY, TASK, commit, find_nonce, sign_block, train
 
@@ -58,6 +59,16 @@ def test_a_worker_replays_bit_for_bit_what_the_calling_thread_replays(cache, poo
     assert all(np.array_equal(a, b) for a, b in zip(pooled, states[3], strict=True))
     assert (pool.count_correct(TASK, draw, states[-1][0]).result()
             == InlineReplayer(cache).count_correct(TASK, draw, states[-1][0]).result())
+
+
+def test_a_worker_scores_models_on_the_test_split_as_the_calling_thread_does(cache, pool, run):
+    _, draw, states = run
+    blobs = [ModelBlob(draw.arch, to_bytes(params)) for params, _ in (states[0], states[-1])]
+    images, labels = cache.splits(TASK.dataset).normalised("test")
+    expected = [int(compute_correct(load_model(blob), images, labels)) for blob in blobs]
+    assert pool.score(TASK, blobs).result() == expected
+    assert InlineReplayer(cache).score(TASK, blobs).result() == expected
+    assert expected[1] > expected[0]  # trained beats the initialisation: a real count
 
 
 def test_a_worker_reports_a_failure_through_its_future(pool, run):

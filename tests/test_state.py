@@ -32,6 +32,7 @@ from consensus.state import (
     MemoryState,
     ModelRecord,
     Schedule,
+    Span,
     StateDiff,
     StateKey,
     StateOverlay,
@@ -39,6 +40,7 @@ from consensus.state import (
     apply_transaction,
     compute_genesis_state,
     compute_schedule,
+    span_key,
 )
 from consensus.tasks import Task, compute_task_id
 from consensus.transactions import ModelTx, TaskTx, Transaction, Transfer, sign_tx
@@ -165,6 +167,7 @@ def test_genesis_state() -> None:
         ("account", KEY.address): Account(FUNDS, 0),
         ("task", GENESIS_TASK_ID): GENESIS_TASK,
         SCHEDULE_KEY: Schedule(GENESIS_TASK_ID, 1, GENESIS_TASK.duration),
+        span_key(1): Span(GENESIS_TASK_ID, GENESIS_TASK.duration),
         ("block", compute_block_id(genesis_block(PARAMS).header)): BlockRecord(0),
     }
 
@@ -327,6 +330,18 @@ def test_genesis_task_cannot_be_republished() -> None:
 def test_task_publisher_mismatch() -> None:
     chain = Chain()
     chain.reject(chain.block([publish(new_task(publisher=OTHER), key=KEY)]), "bad-task-publisher")
+
+
+@pytest.mark.parametrize(("dataset", "reason"), [
+    ({"name": b"cifar10"}, "bad-task-dataset"),  # a reader exists, but no agreed hashes
+    ({"name": b"nosuch"}, "bad-task-dataset"),
+    ({"test_hash": Hash(bytes(32))}, "bad-task-dataset-hash"),
+    ({"val_size": 200, "train_size": 1347}, "bad-task-dataset-hash"),  # another split
+], ids=["cifar10", "unknown", "test-hash", "split-sizes"])
+def test_task_on_a_dataset_nobody_agreed_is_refused(dataset: dict, reason: str) -> None:
+    chain = Chain()
+    task = new_task(dataset=replace(GENESIS_TASK.dataset, **dataset))
+    chain.reject(chain.block([publish(task)]), reason)
 
 
 @pytest.mark.parametrize("fields", [
@@ -572,6 +587,10 @@ def test_schedule_advances_through_the_queue() -> None:
     chain.mine()
     chain.mine()  # height 9: the queue is empty, the genesis task comes back
     assert chain.state.get(SCHEDULE_KEY) == Schedule(SHORT_GENESIS_ID, 9, 11, ())
+    # every span on record, the genesis task's twice
+    spans = {k: v for k, v in chain.state.entries.items() if k[0] == "span"}
+    assert spans == {span_key(1): Span(SHORT_GENESIS_ID, 3), span_key(4): Span(first_id, 6),
+                     span_key(7): Span(second_id, 8), span_key(9): Span(SHORT_GENESIS_ID, 11)}
     # every coin accounted for: allocations, subsidies, and both bounties paid out
     assert chain.total_balance() == FUNDS + 9 * SUBSIDY
 
