@@ -54,6 +54,8 @@ def _task(dataset: Dataset, **fields: object) -> Task:
     return Task(dataset=dataset, publisher=Address(bytes(20)), bounty=0, **fields)  # type: ignore[arg-type]
 
 
+# The dev chain: digits, 5 s blocks; its genesis task's spans last 20 blocks, so that a
+# published task starts, and its result is in, within minutes.
 DEV = ChainParams(
     name="dev",
     magic=b"dpd\x00",
@@ -75,7 +77,7 @@ DEV = ChainParams(
         hpp=HppSpace(lr_min_ppm=50_000, lr_max_ppm=200_000, momentum_min_ppm=800_000,
                      momentum_max_ppm=950_000, batch_sizes=(32, 64)),
         t_acc=225, t_min=200, wm_ppm=10_000, k=20, s_min=40, s_max=400, l_ref=10,
-        delta_ppm=1_000, eps_correct=2, duration=100,
+        delta_ppm=1_000, eps_correct=2, duration=20,
     ),
     p2p_port=18444,
     rpc_port=18443,

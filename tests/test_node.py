@@ -348,7 +348,7 @@ def test_every_method_against_a_real_node(chain_node):
     exported = subprocess.run([DPODL, "model", "export", model_id, str(path)], env=node.env,
                               capture_output=True, text=True, timeout=STOP_TIMEOUT)
     assert exported.returncode == 0, exported.stderr
-    check_exported_model(path, one["proof"]["n_correct"])
+    check_exported_model(path, "val", one["proof"]["n_correct"])
 
     # A task published from a file: its transaction pooled, then mined and queued.
     task_file = node.home / "task.toml"
@@ -362,16 +362,34 @@ def test_every_method_against_a_real_node(chain_node):
     node.wait_for(lambda: published["task"] in [t["id"] for t in node.call("listtasks")],
                   "the task to be mined and queued")
     assert node.call("gettask", published["task"])["bounty"] == 50
+
+    # Once its three blocks are mined, the task's result: its best model, which the
+    # client exports and plain torch scores on the test split exactly as recorded.
+    node.wait_for(lambda: node.call("gettask", published["task"])["status"] == "finished",
+                  "the task's span to end")
     node.call("setgenerate", False)
+    path = node.home / "best-model.pt"
+    got = subprocess.run([DPODL, "task", "result", published["task"], "--export", str(path)],
+                         env=node.env, capture_output=True, text=True, timeout=STOP_TIMEOUT)
+    assert got.returncode == 0, got.stderr
+    result = json.loads(got.stdout)
+    assert (result["task"], result["models_scored"]) == (published["task"], 3)
+    assert check_exported_model(path, "test") == result["test_correct"]
+    assert node.call("getblock", result["block"])["proof"]["test_accuracy"] == \
+        result["test_accuracy"]
+    unknown = subprocess.run([DPODL, "task", "result", "11" * 32], env=node.env,
+                             capture_output=True, text=True, timeout=STOP_TIMEOUT)
+    assert unknown.returncode == 1 and "Task not found" in unknown.stderr
 
 
-def check_exported_model(path: Path, n_correct: int) -> None:
+def check_exported_model(path: Path, split: str = "val", n_correct: int | None = None) -> int:
     """Plain torch, in a fresh interpreter that imports nothing of this project, loads
-    the file and scores the dev task's raw validation images as the chain recorded."""
-    splits = DataCache(None).splits(DEV.genesis_task.dataset)
+    the file and scores the dev task's raw images of `split`; the count (within the
+    task's eps_correct of `n_correct`, when given: what the chain recorded)."""
+    part = getattr(DataCache(None).splits(DEV.genesis_task.dataset), split)
     images, labels = path.with_suffix(".images.npy"), path.with_suffix(".labels.npy")
-    np.save(images, splits.val.images.numpy())
-    np.save(labels, splits.val.labels.numpy())
+    np.save(images, part.images.numpy())
+    np.save(labels, part.labels.numpy())
     script = ("import sys, numpy, torch; m = torch.jit.load(sys.argv[1]); "
               "x = torch.from_numpy(numpy.load(sys.argv[2])); "
               "y = torch.from_numpy(numpy.load(sys.argv[3])); "
@@ -380,4 +398,6 @@ def check_exported_model(path: Path, n_correct: int) -> None:
                              str(labels)], capture_output=True, text=True, cwd=path.parent,
                             timeout=STOP_TIMEOUT)
     assert scored.returncode == 0, scored.stderr
-    assert abs(int(scored.stdout) - n_correct) <= DEV.genesis_task.eps_correct
+    correct = int(scored.stdout)
+    assert n_correct is None or abs(correct - n_correct) <= DEV.genesis_task.eps_correct
+    return correct
