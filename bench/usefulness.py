@@ -6,7 +6,8 @@ mining compute that went into M*'s own training history.
 `--nodes` dev nodes mine on loopback, real processes linked over P2P, each reading MNIST
 from `--data-dir`. Once the first has mined a block (its fee), it publishes `--tasks`
 MNIST tasks with `dpodl task submit` (the testnet's MNIST task, `--duration` blocks
-each); they queue behind the genesis task's span and run in turn. When each span ends:
+each, with `--t-acc` if given); they queue behind the genesis task's span and run in
+turn. When each span ends:
 
 - delivered: M*'s test accuracy on the 10,000 t10k images, as the node counted it;
 - plain: M*'s architecture with PyTorch's default initialisation, trained by
@@ -46,6 +47,7 @@ from node.datadir import read_key_file
 from node.taskfile import load_task_file
 
 TASK_TIMEOUT = 1800.0  # seconds for one task's span to run
+FUND_TRIES = 60  # seconds the publisher may wait for a block of its own to stand
 
 
 def train_plainly(arch: Arch, hpp: Hpp, steps: int, splits: Splits, seed: int) -> int:
@@ -84,19 +86,23 @@ def load_blob(node: LocalNode, model_id: str) -> ModelBlob:
     return ModelBlob(arch, bytes.fromhex(model["weights"]))
 
 
-def submit_tasks(node: LocalNode, workdir: Path, duration: int, count: int) -> list[Task]:
+def submit_tasks(node: LocalNode, workdir: Path, fields: str, count: int) -> list[Task]:
     """Publish `count` MNIST tasks from `node`'s key, differing only in their bounty (a
     task is published once); the tasks, in queue order."""
     key = read_key_file(node.datadir / "keys" / "miner.key")
     tasks = []
     for i in range(count):
         path = workdir / f"task{i}.toml"
-        path.write_text(f'dataset = "mnist"\nduration = {duration}\nbounty = {i + 1}\n')
-        done = subprocess.run([DPODL, "task", "submit", str(path), "--datadir",
-                               str(node.datadir), "--rpc-port", str(node.rpc_port)],
-                              capture_output=True, text=True, timeout=60,
-                              env={k: v for k, v in os.environ.items()
-                                   if not k.startswith("DPODL_")} | {"HOME": str(workdir)})
+        path.write_text(f'dataset = "mnist"\n{fields}bounty = {i + 1}\n')
+        for _ in range(FUND_TRIES):  # a reorganisation may take the fee's block back
+            done = subprocess.run([DPODL, "task", "submit", str(path), "--datadir",
+                                   str(node.datadir), "--rpc-port", str(node.rpc_port)],
+                                  capture_output=True, text=True, timeout=60,
+                                  env={k: v for k, v in os.environ.items()
+                                       if not k.startswith("DPODL_")} | {"HOME": str(workdir)})
+            if "bad-txn-balance" not in done.stderr:
+                break
+            time.sleep(1.0)
         if done.returncode:
             raise NodeError(f"dpodl task submit: {done.stderr}")
         task = load_task_file(path, key.address)
@@ -112,6 +118,8 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3, help="MNIST tasks, run one after another")
     ap.add_argument("--duration", type=int, default=8, help="blocks per task")
     ap.add_argument("--seeds", type=int, default=3, help="plain trainings per task")
+    ap.add_argument("--t-acc", type=int, help="validation images a block's model must get "
+                                              "right, of 5,000 (default: the testnet's 4,750)")
     args = ap.parse_args()
     start("bench.usefulness", args)
     try:
@@ -132,7 +140,9 @@ def main() -> None:
         address = read_key_file(first.datadir / "keys" / "miner.key").address.hex()
         wait_until(lambda: first.call("getbalance", address) > 0, "n0 to mine a block",
                    nodes, 300)
-        tasks = submit_tasks(first, workdir, args.duration, args.tasks)
+        fields = f"duration = {args.duration}\n" + (
+            "" if args.t_acc is None else f"t_acc = {args.t_acc}\n")
+        tasks = submit_tasks(first, workdir, fields, args.tasks)
         t0 = time.monotonic()
         rows = []
         for task in tasks:

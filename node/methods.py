@@ -137,11 +137,9 @@ class Methods:
             if origin is None:  # a side branch's model: this chain never registered it
                 out.append({"model": model_id.hex(), "onchain": False})
                 break
-            block_id, proof = origin
-            record: ModelRecord = self.store.get_state(("model", model_id))
-            header = self.store.get_header(block_id)
-            out.append({"model": model_id.hex(), "onchain": True,
-                        "kind": "block" if header.proof.model_id == model_id else "mtx",
+            record, block_id, proof = origin
+            kind = "block" if self.store.get_header(block_id).proof == proof else "mtx"
+            out.append({"model": model_id.hex(), "onchain": True, "kind": kind,
                         "block": block_id.hex(), "height": record.height,
                         "miner": compute_address(proof.miner).hex(), "steps": proof.steps,
                         "total_steps": record.total_steps, "n_correct": proof.n_correct})

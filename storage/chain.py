@@ -209,15 +209,20 @@ class ChainStore:
         """(start height, span) of every task span the main chain has begun, oldest first."""
         return [(int.from_bytes(key[1], "big"), span) for key, span in self.iterate_state("span")]
 
-    def model_origin(self, model_id: Hash) -> tuple[Hash, Proof] | None:
-        """The main-chain block that registered `model_id` and the proof that did (the
-        block's own or one of its model transactions'); None for a model not on it."""
+    def model_origin(self, model_id: Hash) -> tuple[ModelRecord, Hash, Proof] | None:
+        """Where the main chain registered `model_id`: its record, the block and the proof
+        (the block's own, or one of its model transactions'); None for a model not on it."""
         record: ModelRecord | None = self.get_state(("model", model_id))
         block_id = None if record is None else self.main_chain_id(record.height)
-        block = None if block_id is None else self.get_block(block_id)
+        header = None if block_id is None else self.get_header(block_id)
+        if header is None:
+            return None
+        if header.proof.model_id == model_id:  # a block's model: no need to read the block
+            return record, block_id, header.proof
+        block = self.get_block(block_id)
         for proof in block_proofs(block) if block is not None else ():
             if proof.model_id == model_id:
-                return block_id, proof
+                return record, block_id, proof
         return None
 
     def chain_tips(self) -> list[tuple[Hash, IndexEntry]]:

@@ -7,11 +7,9 @@ blocks and whose t2 is at its maximum (every checkpoint at T_acc is a block), wi
 real miner process; the RPC methods are called directly.
 """
 
-import asyncio
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,12 +28,12 @@ from node.methods import Methods
 from node.node import Node
 from node.rpc import RpcError
 from tests.forge import EASY
-from tests.test_p2p_fraud import config
+from tests.test_p2p_fraud import config, wait_until
 
 SHORT = replace(EASY, genesis_task=replace(EASY.genesis_task, duration=3))
 TASK = SHORT.genesis_task
 TASK_ID = compute_task_id(TASK)
-TIMEOUT = 120.0
+TIMEOUT = 120.0  # seconds for the exported model's check
 
 
 @pytest.fixture
@@ -46,13 +44,6 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     await node.start_network()
     yield node
     await node.close()
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def mine_to(node: Node, height: int) -> None:
