@@ -460,14 +460,17 @@ class Methods:
 
     async def getmodel(self, model_id: object, weights: object = False) -> dict:
         mid = Hash(param_hex(model_id, "model_id", size=32))
-        record: ModelRecord | None = self.store.get_state(("model", mid))
+        origin = self.store.model_origin(mid)
         blob = self.node.artifacts.get_model(mid)
-        if record is None and blob is None:
+        if origin is None and blob is None:
             raise RpcError(INVALID_ADDRESS_OR_KEY, "Model not found")
-        out: dict[str, Any] = {"id": mid.hex(), "onchain": record is not None}
-        if record is not None:
+        out: dict[str, Any] = {"id": mid.hex(), "onchain": origin is not None}
+        if origin is not None:  # its training history: own steps, then what it built on
+            record, block_id, proof = origin
             out |= {"height": record.height, "task": record.task_id.hex(),
-                    "total_steps": record.total_steps}
+                    "block": block_id.hex(), "miner": compute_address(proof.miner).hex(),
+                    "steps": proof.steps, "total_steps": record.total_steps,
+                    "reference_chain": self._reference_chain(proof.ref_model)}
         if blob is not None:
             out["architecture"] = to_json(blob.arch)
             out["parameters"] = len(blob.params) // 4

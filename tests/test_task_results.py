@@ -156,6 +156,9 @@ async def test_a_blocks_record_shows_its_reference_chain_and_total_steps(node):
         assert [link["height"] for link in links] == sorted(
             (link["height"] for link in links), reverse=True)
     assert max(chains) >= 1, "no block referenced an earlier model"
+    model = await rpc.getmodel(proof["model"])  # the last block's: the same history
+    assert (model["steps"], model["total_steps"], model["reference_chain"]) == (
+        proof["steps"], proof["total_steps"], proof["reference_chain"])
     assert own <= mined  # the miner trained every block's own steps, and more
 
 
