@@ -20,7 +20,7 @@ from typing import Any
 from consensus.encoding import Hash
 from consensus.keys import compute_address
 from consensus.proofs import Proof
-from consensus.state import ModelRecord, Span
+from consensus.state import SCHEDULE_KEY, ModelRecord, Schedule, Span, span_key
 from mining.replay import Replayer
 from storage.artifacts import ArtifactStore
 from storage.chain import ChainStore
@@ -54,8 +54,13 @@ class TaskScorer:
 
     def on_tip(self, heights: set[int]) -> None:
         """Start scoring the spans that end at any of these newly connected heights."""
+        schedule: Schedule = self.store.get_state(SCHEDULE_KEY)
+        ends = {h for h in heights  # a span ends where the next begins, or at the tip's end
+                if h == schedule.end or self.store.get_state(span_key(h + 1)) is not None}
+        if not ends:  # most blocks: no need to list the spans
+            return
         for start, span in self.store.spans():
-            if span.end in heights and self.current(start, span) is None:
+            if span.end in ends and self.current(start, span) is None:
                 self._start(start, span)
 
     async def result(self, start: int, span: Span) -> TaskResult:

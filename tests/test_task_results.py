@@ -7,9 +7,11 @@ blocks and whose t2 is at its maximum (every checkpoint at T_acc is a block), wi
 real miner process; the RPC methods are called directly.
 """
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from consensus.keys import PrivateKey
 from consensus.params import COIN
 from consensus.tasks import compute_task_id
 from consensus.transactions import TaskTx, Transaction, sign_tx
-from mining.datasets import compute_pixel_max
+from mining.datasets import DatasetError, compute_pixel_max
 from mining.export import export_model
 from mining.trainer import DataCache, compute_correct, load_model
 from node.methods import Methods
@@ -46,10 +48,16 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     await node.close()
 
 
-async def mine_to(node: Node, height: int) -> None:
+async def mine_to(node: Node, height: int) -> int:
+    """Mine to at least `height`; the height the chain stops at."""
     await node.start_mining()
     await wait_until(lambda: node.store.height >= height, f"height {height}")
     await node.stop_mining()
+    settled = -1
+    while settled != node.store.height:  # blocks found before the stop may be coming in
+        settled = node.store.height
+        await asyncio.sleep(0.5)
+    return settled
 
 
 def count_test_scores(node: Node, heights: range) -> dict[int, int]:
@@ -67,9 +75,10 @@ async def test_a_finished_span_yields_its_best_model_which_plain_torch_reproduce
     rpc = Methods(node)
     with pytest.raises(RpcError, match="task-not-finished"):
         await rpc.gettaskresult()
-    await mine_to(node, 4)  # the span 1..3 has ended; the genesis task runs again from 4
+    tip = await mine_to(node, 4)  # the span 1..3 has ended, and maybe more of them
+    last = tip - tip % 3  # the end of the last span that has ended
     scores = count_test_scores(node, range(1, 4))
-    result = await rpc.gettaskresult(TASK_ID.hex())
+    result = await rpc.gettaskresult(TASK_ID.hex(), 2)  # the span that covers 2
     best_height = max(scores, key=lambda h: (
         scores[h], node.store.get_header(node.store.main_chain_id(h)).proof.n_correct, -h))
     best = node.store.get_header(node.store.main_chain_id(best_height)).proof
@@ -79,20 +88,23 @@ async def test_a_finished_span_yields_its_best_model_which_plain_torch_reproduce
     assert result["test_accuracy"] == scores[best_height] / TASK.dataset.test_size
     assert result["validation_correct"] == best.n_correct
     assert result["total_steps"] == (await rpc.getmodel(result["model"]))["total_steps"]
-    assert await rpc.gettaskresult(TASK_ID.hex(), 2) == result  # the span that covers 2
+    latest = await rpc.gettaskresult()  # by default, the last span that ended
+    assert (latest["start"], latest["end"]) == (last - 2, last)
+    assert latest == result or last > 3
     with pytest.raises(RpcError, match="task-not-finished"):
-        await rpc.gettaskresult(None, 4)  # the second span has not ended
+        await rpc.gettaskresult(None, last + 1)  # the span in progress
     with pytest.raises(RpcError, match="Task not found"):
         await rpc.gettaskresult("11" * 32)
 
     # Every block of the span shows its model's test accuracy, and the task lists as
-    # both active again (second span) and finished (first), with its result.
+    # both active again and finished (its spans that ended, newest first), with results.
     for height, correct in scores.items():
         block = await rpc.getblock(node.store.main_chain_id(height).hex())
         assert block["proof"]["test_accuracy"] == correct / TASK.dataset.test_size
     listed = await rpc.listtasks()
-    assert [(t["status"], t["start"]) for t in listed] == [("active", 4), ("finished", 1)]
-    assert listed[1]["result"] == result
+    assert [(t["status"], t["start"]) for t in listed] == [("active", last + 1)] + [
+        ("finished", start) for start in range(last - 2, 0, -3)]
+    assert listed[-1]["result"] == result
     assert (await rpc.gettask(TASK_ID.hex()))["status"] == "active"
 
     # The file `dpodl model export` writes: plain torch in a fresh interpreter that
@@ -132,6 +144,27 @@ async def test_the_node_scores_a_span_when_it_ends_and_again_after_a_reorg(node)
     assert result["end"] == 3 and result["models_scored"] == 3
     again = node.scorer.current(1, node.store.spans()[0][1])
     assert again.end_block == node.store.main_chain_id(3) != first.end_block
+
+
+class NoTestSplit:
+    """A replayer whose node cannot read the task's dataset files."""
+
+    def score(self, task, blobs) -> Future:
+        future: Future = Future()
+        future.set_exception(DatasetError("missing t10k-images-idx3-ubyte"))
+        return future
+
+
+async def test_a_node_that_cannot_read_the_test_split_says_so_and_records_nothing(node):
+    real, node.scorer.replayer = node.scorer.replayer, NoTestSplit()
+    await mine_to(node, 3)
+    rpc = Methods(node)
+    with pytest.raises(RpcError, match="dataset-unavailable: missing t10k") as err:
+        await rpc.gettaskresult()
+    assert err.value.code == -1
+    assert node.scorer.results.get(1) is None
+    node.scorer.replayer = real  # the files are back: asked again, it scores the span
+    assert (await rpc.gettaskresult())["models_scored"] == 3
 
 
 async def test_a_blocks_record_shows_its_reference_chain_and_total_steps(node):

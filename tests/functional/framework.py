@@ -232,6 +232,17 @@ class DpodlTestFramework:
                    f"{nodes} to agree on a tip", timeout)
         return nodes[0].getbestblockhash()
 
+    def settle(self, miner: TestNode) -> str:
+        """The tip every running node agrees on, once the miners have stopped. Miners that
+        stopped together may have left two tips of one height, each node keeping the one
+        it saw first (the longest-chain rule), so `miner` first mines past them alone."""
+        top = max(node.getblockcount() for node in self.nodes if node.running())
+        miner.setgenerate(True)
+        wait_until(lambda: miner.getblockcount() > top, f"{miner!r} to mine past every tip",
+                   MINE_TIMEOUT)
+        miner.setgenerate(False)
+        return self.sync_blocks()
+
     def sync_mempools(self, nodes: Sequence[TestNode] | None = None,
                       timeout: float = SYNC_TIMEOUT) -> None:
         nodes = nodes or [n for n in self.nodes if n.running()]

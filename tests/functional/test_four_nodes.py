@@ -20,7 +20,7 @@ class FourNodesTwoMiners(DpodlTestFramework):
                    "both miners to find a block")
         for miner in miners:
             assert miner.setgenerate(False) is False
-        tip = self.sync_blocks()
+        tip = self.settle(miners[0])
         height = self.nodes[0].getblockcount()
         assert height >= BLOCKS
         for node in self.nodes:

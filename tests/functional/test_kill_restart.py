@@ -39,7 +39,7 @@ class KillWhileMiningAndSyncing(DpodlTestFramework):
         self.restart_node(1, extra_args=())
         assert victim.getblockcount() >= height
         assert victim.getmininginfo()["generate"] is False
-        tip = self.sync_blocks()
+        tip = self.settle(miner)
         height = relay.getblockcount()
         for h in range(height + 1):
             assert victim.getblockhash(h) == relay.getblockhash(h)

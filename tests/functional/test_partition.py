@@ -44,6 +44,7 @@ class Partition(DpodlTestFramework):
         self.wait_for_height(self.nodes[1], 3)
         for miner in (a, b):
             miner.setgenerate(False)
+        self.settle(a)
         for miner in (a, b):
             self.sync_blocks()
             if self.nodes[1].getaccount(miner.address)["balance"] < AMOUNT_A + FEE:
@@ -90,7 +91,7 @@ class Partition(DpodlTestFramework):
                    "side B's transaction to be mined again", MINE_TIMEOUT)
         for miner in (a, b):
             miner.setgenerate(False)
-        self.sync_blocks()
+        self.settle(a)
         for node in self.nodes:
             for txid in (tx_a, tx_b):
                 block = find_tx(node, txid, fork_height)

@@ -17,7 +17,10 @@ class TaskLifecycle(DpodlTestFramework):
 
     def run_test(self) -> None:
         miner, relay, other = self.nodes
-        wait_until(lambda: miner.getbalance(miner.address) > 0, "node0's first reward",
+        # node2 pauses while node0 funds the publisher: no rival chain takes node0's
+        # rewards back while the task waits to be mined.
+        other.setgenerate(False)
+        wait_until(lambda: relay.getbalance(miner.address) > 600, "node0's first reward",
                    MINE_TIMEOUT)
         # node0's key publishes through node1, whose pool gossips it to the miners.
         task_file = self.tmp_path / "task.toml"
@@ -25,15 +28,17 @@ class TaskLifecycle(DpodlTestFramework):
         done = relay.cli("task", "submit", str(task_file), "--key", str(miner.key_path))
         assert done.returncode == 0, done.stderr
         task_id = json.loads(done.stdout)["task"]
-        wait_until(lambda: all(n.gettask(task_id)["status"] == "queued" for n in self.nodes),
+        wait_until(lambda: all(task_id in [t["id"] for t in n.listtasks() if t["status"]
+                                           == "queued"] for n in self.nodes),
                    "the task to be mined and queued on every node")
         assert relay.gettask(task_id)["bounty"] == 600
+        other.setgenerate(True)
 
         wait_until(lambda: all(n.gettask(task_id)["status"] == "finished" for n in self.nodes),
                    "the task's span to end on every node", MINE_TIMEOUT)
         for node in (miner, other):
             node.setgenerate(False)
-        self.sync_blocks()
+        self.settle(miner)
         results = [n.gettaskresult(task_id) for n in self.nodes]
         for result in results:
             result.pop("scored_at")  # when each node scored it
