@@ -124,7 +124,7 @@ class Node:
         # the pooled mtxs' and our own: those we hold fraud evidence about (peers fetch
         # it from us).
         self._evidence: OrderedDict[Hash, None] = OrderedDict()
-        self.pruned_at = 0  # the height of the last prune
+        self._pruned_at = 0  # the height of the last prune
         self._warming: list[Future] = []  # the replay workers' start-up
 
     @property
@@ -263,8 +263,9 @@ class Node:
 
     async def _new_tip(self, result: AddResult) -> None:
         await self.on_chain_thread(self.mempool.update_for_tip, result)
-        if abs(self.store.height - self.pruned_at) >= PRUNE_EVERY:
-            await self.prune()
+        busy = self.network.busy_roots() if self.network is not None else set()
+        if abs(self.store.height - self._pruned_at) >= PRUNE_EVERY:
+            await self.on_chain_thread(self._prune, busy | set(self._evidence))
         log.info("new tip %s at height %d", self.store.tip_id.hex(), self.store.height)
         self.scorer.on_tip({self.store.get_header(i).height for i in result.connected})
         if self.network is not None:
@@ -315,17 +316,11 @@ class Node:
         if len(self._evidence) > EVIDENCE:
             self._evidence.popitem(last=False)
 
-    async def prune(self) -> None:
-        """Drop the checkpoints retention does not keep, but for those a check to come
-        will read (the network's busy roots) and our fraud evidence."""
-        busy = self.network.busy_roots() if self.network is not None else set()
-        await self.on_chain_thread(self._prune, busy | set(self._evidence))
-
     def _prune(self, protect: set[Hash]) -> None:
         """Drop the checkpoints retention does not keep (storage/retention.py): those of
         blocks older than the last keep_checkpoints, except `protect`'s and the pooled
         model transactions'. On the chain thread."""
-        self.pruned_at = self.store.height
+        self._pruned_at = self.store.height
         pooled = {tx.proof.ckpt_root for tx_id in self.mempool.ids()
                   if isinstance(tx := self.mempool.get(tx_id), ModelTx)}
         dropped = retention.prune(self.store, self.artifacts, self.config.keep_checkpoints,

@@ -747,14 +747,9 @@ class Network:
                     if need not in self._unobtainable][:retention.MISSING_LIMIT]
                 if not needs:
                     break
-                pruned_at = self.node.pruned_at
                 results = await asyncio.gather(
                     *(self.fetcher.fetch([need], self._holders_of(need)) for need in needs),
                     return_exceptions=True)
-                if self.node.pruned_at != pruned_at:
-                    # A prune ran meanwhile: what we fetched for blocks that have left the
-                    # window since would stay until the next one.
-                    await self.node.prune()
                 for need, result in zip(needs, results, strict=True):
                     if isinstance(result, FetchFailed):
                         self._unobtainable.add(need)
