@@ -43,6 +43,7 @@ from consensus.tasks import MNIST, Task, compute_task_id
 from mining.datasets import DatasetError
 from mining.htoa import Hpp, compute_htoa
 from mining.trainer import DataCache, Splits, build_model, compute_correct, load_model
+from node.client import model_blob
 from node.datadir import read_key_file
 from node.taskfile import load_task_file
 
@@ -81,9 +82,7 @@ def delivered_draw(node: LocalNode, task: Task, block_hash: str) -> tuple[Hpp, A
 
 
 def load_blob(node: LocalNode, model_id: str) -> ModelBlob:
-    model = node.call("getmodel", model_id, True)
-    arch = Arch(**{**model["architecture"], "widths": tuple(model["architecture"]["widths"])})
-    return ModelBlob(arch, bytes.fromhex(model["weights"]))
+    return model_blob(node.call("getmodel", model_id, True))
 
 
 def submit_tasks(node: LocalNode, workdir: Path, fields: str, count: int) -> list[Task]:

@@ -126,19 +126,17 @@ def _submit_task(args: argparse.Namespace) -> int:
 def _write_model(args: argparse.Namespace, model_id: str, file: str) -> str:
     """Write a chain model as TorchScript; a line saying what was written. Raises the
     client's errors, ValueError, KeyError or OSError."""
-    from consensus.models import Arch, ModelBlob
     from mining.datasets import compute_pixel_max
     from mining.export import export_model
+    from node.client import model_blob
 
     model = _client(args, "getmodel", model_id, True)
     if "weights" not in model:
         raise ValueError(f"the node has no weights for model {model_id}")
     if "task" not in model:
         raise ValueError(f"model {model_id} is not on this chain")
-    arch = Arch(**{**model["architecture"], "widths": tuple(model["architecture"]["widths"])})
     dataset = _client(args, "gettask", model["task"])["dataset"]["name"]
-    export_model(ModelBlob(arch, bytes.fromhex(model["weights"])),
-                 compute_pixel_max(dataset), Path(file))
+    export_model(model_blob(model), compute_pixel_max(dataset), Path(file))
     return (f"{file}: {model['parameters']} parameters, {dataset} images in; "
             "load with torch.jit.load")
 

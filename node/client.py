@@ -6,6 +6,7 @@ import json
 import urllib.error
 import urllib.request
 
+from consensus.models import Arch, ModelBlob
 from node.auth import CookieError, read_cookie
 from node.config import Config
 
@@ -54,3 +55,9 @@ def call(config: Config, method: str, params: list, *,
         raise RpcClientError(f"error code {error.get('code')}: {error.get('message')}",
                              error.get("code"))
     return reply.get("result")
+
+
+def model_blob(model: dict) -> ModelBlob:
+    """The model a `getmodel MODEL_ID true` reply carries (KeyError without weights)."""
+    arch = Arch(**{**model["architecture"], "widths": tuple(model["architecture"]["widths"])})
+    return ModelBlob(arch, bytes.fromhex(model["weights"]))
