@@ -8,7 +8,6 @@ saying who it is.
 """
 
 import asyncio
-from collections.abc import Set
 
 from consensus.blocks import compute_block_id
 from consensus.encoding import Hash
@@ -31,15 +30,13 @@ def compute_genesis_id(params: ChainParams) -> Hash:
     return compute_block_id(genesis_block(params).header)
 
 
-def validate_version(
-    peer: Version, genesis_id: Hash, *, ours: Version, own_nonces: Set[int] = frozenset()
-) -> None:
+def validate_version(peer: Version, genesis_id: Hash, *, ours: Version) -> None:
     """Raise ProtocolError if we must not talk to the peer that sent `peer`."""
     if peer.protocol < MIN_PROTOCOL_VERSION:
         raise ProtocolError("bad-version", f"{peer.protocol} < {MIN_PROTOCOL_VERSION}")
     if peer.genesis_id != genesis_id:
         raise ProtocolError("genesis-mismatch", peer.genesis_id.hex())
-    if peer.nonce == ours.nonce or peer.nonce in own_nonces:
+    if peer.nonce == ours.nonce:
         raise ProtocolError("self-connection", f"nonce {peer.nonce}")
 
 
@@ -51,13 +48,12 @@ async def handshake(
     ours: Version,
     timeout: float,
     max_payload: int,
-    own_nonces: Set[int] = frozenset(),
 ) -> Version:
     """Exchange version and verack with the peer and return its Version.
 
     Raises ProtocolError (a FrameError) with a stable reason, FrameError from the
     framing layer, or ConnectionClosed if the peer hangs up; `timeout` bounds it all.
-    `own_nonces` holds the nonces of our other connections, so dialling ourselves is
+    `ours.nonce` is the node's own, on every connection, so dialling ourselves is
     caught whichever side of the loop we are on.
     """
     genesis_id = compute_genesis_id(params)
@@ -80,7 +76,7 @@ async def handshake(
             await send(ours)
             peer = await expect(Kind.VERSION)
             assert isinstance(peer, Version)
-            validate_version(peer, genesis_id, ours=ours, own_nonces=own_nonces)
+            validate_version(peer, genesis_id, ours=ours)
             await send(Verack())
             await expect(Kind.VERACK)
     except TimeoutError:

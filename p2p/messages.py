@@ -88,7 +88,7 @@ class Version:
     genesis_id: Hash32
     best_height: U64
     listen_port: U16  # 0: not listening
-    nonce: U64  # random per connection; seeing our own back means we dialled ourselves
+    nonce: U64  # random per node run: our own back means we dialled ourselves
     user_agent: UserAgent
 
 

@@ -12,6 +12,9 @@ Peer management follows Bitcoin Core where §11 is silent:
   `getaddr` (asked of every outbound peer, answered once per inbound one) and `addr`
   (at most 0.1 a second per peer after a burst of 1,000; small announcements are
   passed on to two other peers);
+- one link per node: a node's version nonce names it while it runs, so two links to
+  one node (both dialled by us, or one each way when we dial each other at once)
+  are seen and one of them closed, the same one at both ends;
 - ping every `ping_interval`; a peer silent for `idle_timeout` is dropped;
 - misbehaviour (a malformed or oversize frame, an invalid block or header, data not
   asked for, an inv flood) disconnects the peer and bans its address for
@@ -152,7 +155,9 @@ class Network:
             OrderedDict())
         self._seen_proofs = KnownSet(1_000)
         self._parked: OrderedDict[Hash, tuple[FraudNotice, Peer]] = OrderedDict()
-        self._nonces: set[int] = set()
+        # Sent in every version: a node that sees its own back has dialled itself, and
+        # two links that carry the same one (from one host) reach the same node.
+        self.nonce = random.getrandbits(64)
         self._dialling: set[Address] = set()
         self._handshaking = 0  # inbound connections not yet through their handshake
         self._redial: dict[Address, float] = {}
@@ -263,14 +268,12 @@ class Network:
 
     async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    addr: Address, *, inbound: bool, dialled: Address | None = None) -> None:
-        nonce = random.getrandbits(64)
         ours = Version(PROTOCOL_VERSION, self.genesis_id, self.store.height,
-                       self.config.port, nonce, self.config.user_agent)
-        self._nonces.add(nonce)
+                       self.config.port, self.nonce, self.config.user_agent)
         try:
             theirs = await handshake(reader, writer, self.params, ours=ours,
                                      timeout=self.config.handshake_timeout,
-                                     max_payload=MAX_CONTROL, own_nonces=self._nonces)
+                                     max_payload=MAX_CONTROL)
         except (FrameError, ConnectionClosed, OSError) as e:
             self._handshaking -= inbound
             reason = getattr(e, "reason", type(e).__name__)
@@ -282,28 +285,36 @@ class Network:
             if reason not in ("self-connection", "timeout") and isinstance(e, FrameError):
                 self._ban(addr[0], f"handshake: {reason}")
             writer.transport.abort()
-            self._nonces.discard(nonce)
             return
         self._handshaking -= inbound
-        twin = None if dialled is None else next(
-            (p for p in self.peers.values() if not p.inbound and p.listen_addr == addr), None)
-        if twin is not None:  # one node, dialled by name and by address (from gossip): one link
-            log.info("%s:%d is %r already", *dialled, twin)
-            if dialled in self.manual:
-                twin.manual, twin.dialled = True, dialled
-            writer.transport.abort()
-            self._nonces.discard(nonce)
-            return
+        twin = next((p for p in self.peers.values()
+                     if p.version.nonce == theirs.nonce and p.addr[0] == addr[0]), None)
+        if twin is not None and not (twin.inbound and inbound):
+            # One node, two links: both dialled by us (by name and by address from
+            # gossip), or one each way (we dialled each other at once). Keep the first
+            # of ours; of one each way, both ends keep the one the larger nonce dialled.
+            keep_new = twin.inbound != inbound and (self.nonce > theirs.nonce) != inbound
+            log.info("%s:%d is %r already: keeping the %s link", *addr, twin,
+                     "new" if keep_new else "old")
+            if not keep_new:
+                if dialled in self.manual:
+                    twin.manual, twin.dialled = True, dialled
+                writer.transport.abort()
+                return
+            twin.close("duplicate")
+        else:
+            twin = None
         peer = Peer(reader, writer, params=self.params, addr=addr, inbound=inbound,
                     version=theirs, send_queue_bytes=self.config.send_queue_bytes)
         peer.dialled = dialled
         peer.manual = dialled in self.manual
+        if twin is not None and twin.manual:  # it replaces a link we keep for the operator
+            peer.manual, peer.dialled = True, twin.dialled
         peer.listen_addr = self._listen_addr(addr[0], addr[1] if dialled else theirs.listen_port)
         self.peers[peer.id] = peer
         try:
             await self._serve(peer)
         finally:
-            self._nonces.discard(nonce)
             peer.close(peer.close_reason or "closed")
             await peer.wait_closed()
             del self.peers[peer.id]
@@ -313,7 +324,7 @@ class Network:
                 self._sources[key].remove(peer)
             for tx_id in [t for t, (p, _) in self._tx_requests.items() if p is peer]:
                 del self._tx_requests[tx_id]
-            if peer.listen_addr is not None:
+            if peer.listen_addr not in (None, *(p.listen_addr for p in self.peers.values())):
                 self.book.disconnected(peer.listen_addr)
             log.info("%r disconnected: %s", peer, peer.close_reason)
             self._blocks_ready.set()

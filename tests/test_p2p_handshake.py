@@ -150,15 +150,6 @@ async def test_self_connection_same_nonce(tcp: tuple[Streams, Streams]) -> None:
     )
 
 
-async def test_self_connection_via_own_nonces(tcp: tuple[Streams, Streams]) -> None:
-    # The listener's side of our own loop: the dialer's nonce belongs to another of our
-    # connections, not to this one.
-    dialer, listener = tcp
-    await send(dialer, version(nonce=9))
-    await expect_reason(
-        shake(listener, ours=version(nonce=10), own_nonces={9, 10}), "self-connection")
-
-
 @pytest.mark.parametrize("first", [Verack(), Ping(1), Pong(1)])
 async def test_nothing_before_version(tcp: tuple[Streams, Streams], first: Any) -> None:
     dialer, listener = tcp

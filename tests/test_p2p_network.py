@@ -4,6 +4,7 @@ Each node verifies every block itself (its own private audits, with the checkpoi
 fetched from its peers), so agreeing on a tip means agreeing on a checked chain.
 """
 
+import threading
 import time
 from collections.abc import Callable
 
@@ -195,3 +196,31 @@ def test_a_peer_named_by_host_name_is_dialled_once_and_kept(nodes):
     time.sleep(6)
     assert [p["addr"] for p in c.call("getpeerinfo")].count(to_a) == 1
     assert [p["inbound"] for p in a.call("getpeerinfo")].count(True) == 2  # b and c
+
+
+def test_two_nodes_that_dial_each_other_at_once_keep_one_link(nodes):
+    """Each end sees both links carry the other's node nonce and closes the same one."""
+    a, b = nodes("a"), nodes("b")
+    for node in (a, b):
+        node.wait_for(lambda n=node: n.call("getconnectioncount") == 0, "the node to start")
+    start = threading.Barrier(2)
+
+    def dial(node: NodeProcess, other: NodeProcess) -> None:
+        start.wait()
+        node.call("addnode", f"127.0.0.1:{other.p2p_port}", "onetry")
+
+    threads = [threading.Thread(target=dial, args=pair) for pair in ((a, b), (b, a))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_until(lambda: a.call("getconnectioncount") == b.call("getconnectioncount") == 1,
+               "one link")
+
+    def links() -> list[tuple]:
+        return [(p["id"], p["addr"], p["inbound"]) for n in (a, b) for p in n.call("getpeerinfo")]
+
+    (_, _, a_inbound), (_, _, b_inbound) = before = links()
+    assert a_inbound != b_inbound
+    time.sleep(2)  # the closing of a second link would have reached both ends by now
+    assert links() == before
