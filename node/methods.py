@@ -302,7 +302,7 @@ class Methods:
 
     async def _submit_tx(self, tx: Transaction) -> Hash:
         try:
-            return await self.node.submit_transaction(tx)
+            return await self.node.submit_transaction(tx, local=True)
         except ConsensusError as e:
             raise RpcError(VERIFY_REJECTED, str(e)) from None
         except MissingArtifact as e:

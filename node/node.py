@@ -345,15 +345,16 @@ class Node:
                     return tx.prev_id, tx.proof, block_id
         return None
 
-    async def submit_transaction(self, tx: Transaction) -> Hash:
-        """Add a transaction to the mempool (ConsensusError says why not)."""
+    async def submit_transaction(self, tx: Transaction, *, local: bool = False) -> Hash:
+        """Add a transaction to the mempool (ConsensusError says why not); a `local` one
+        (from RPC) is announced again on each new tip until it is mined."""
         try:
             tx_id = await self.on_chain_thread(self.mempool.add, tx)
         except FraudFound as fraud:
             self._keep_evidence(fraud.ckpt_root)
             raise
         if self.network is not None:
-            self.network.announce_tx(tx_id, tx)
+            self.network.announce_tx(tx_id, tx, local=local)
         return tx_id
 
     # -- mining ----------------------------------------------------------------------------

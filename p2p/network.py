@@ -15,6 +15,9 @@ Peer management follows Bitcoin Core where §11 is silent:
 - one link per node: a node's version nonce names it while it runs, so two links to
   one node (both dialled by us, or one each way when we dial each other at once)
   are seen and one of them closed, the same one at both ends;
+- transactions are announced once to each peer, and those submitted here (RPC) again
+  to every peer on each new tip until mined, as Core's wallet resends its own: a peer
+  that refused one on its old tip (a payer its branch had not paid) learns it again;
 - ping every `ping_interval`; a peer silent for `idle_timeout` is dropped;
 - misbehaviour (a malformed or oversize frame, an invalid block or header, data not
   asked for, an inv flood) disconnects the peer and bans its address for
@@ -104,6 +107,9 @@ WAITING_BLOCKS = 64  # blocks that model transactions wait for
 WAITING_PER_BLOCK = 16
 PARKED_PROOFS = 64  # fraud proofs about blocks or mtxs not here yet
 PREFETCH_BLOCKS = 4  # blocks whose artifacts are fetched ahead of their turn at once
+# Our own transactions announced again on each new tip until mined: the last this many
+# (an inv of at most 100 items a block keeps well inside a peer's inv rate, 1,000 a second).
+LOCAL_TXS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +152,7 @@ class Network:
         self._sources: OrderedDict[Hash, list[Peer]] = OrderedDict()
         self._tx_requests: dict[Hash, tuple[Peer, float]] = {}
         self._rejected_txs = KnownSet(10_000)  # cleared on each new tip, as in Core
+        self._local_txs: OrderedDict[Hash, InvItem] = OrderedDict()  # submitted here
         self._tx_adding: dict[Hash, Transaction] = {}  # arrived and being checked
         self._adding: Block | None = None  # the block being checked
         self._tip_moved = asyncio.Event()  # wakes the keeper of recent checkpoints
@@ -846,9 +853,23 @@ class Network:
             if block_id not in peer.known_blocks:
                 peer.known_blocks.add(block_id)
                 peer.send(Inv((item,)))
+        # Our own transactions still pooled go out again, to every peer: one that refused
+        # them on its old tip (a bounty its branch could not pay) may take them on this.
+        for tx_id in [i for i in self._local_txs if self.node.mempool.get(i) is None]:
+            del self._local_txs[tx_id]
+        if self._local_txs:
+            items = tuple(self._local_txs.values())
+            for peer in self.peers.values():
+                peer.send(Inv(items))
 
-    def announce_tx(self, tx_id: Hash, tx: Transaction) -> None:
+    def announce_tx(self, tx_id: Hash, tx: Transaction, *, local: bool = False) -> None:
+        """Tell every peer that does not know it yet about a new pooled transaction;
+        a `local` one (submitted here) is announced again on each new tip until mined."""
         item = InvItem(INV_MTX if isinstance(tx, ModelTx) else INV_TX, tx_id)
+        if local:
+            self._local_txs[tx_id] = item
+            if len(self._local_txs) > LOCAL_TXS:
+                self._local_txs.popitem(last=False)
         for peer in self.peers.values():
             if tx_id not in peer.known_txs:
                 peer.known_txs.add(tx_id)

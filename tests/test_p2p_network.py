@@ -4,6 +4,7 @@ Each node verifies every block itself (its own private audits, with the checkpoi
 fetched from its peers), so agreeing on a tip means agreeing on a checked chain.
 """
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -11,8 +12,9 @@ from collections.abc import Callable
 import pytest
 
 from consensus.params import DEV
+from node.datadir import read_key_file
 from node.node import PRUNE_EVERY
-from tests.test_node import NodeProcess
+from tests.test_node import DPODL, STOP_TIMEOUT, NodeProcess
 
 SYNC_TIMEOUT = 120.0
 MINE_TIMEOUT = 400.0  # 30 dev blocks take a minute or two on 2 cores
@@ -224,3 +226,23 @@ def test_two_nodes_that_dial_each_other_at_once_keep_one_link(nodes):
     assert a_inbound != b_inbound
     time.sleep(2)  # the closing of a second link would have reached both ends by now
     assert links() == before
+
+
+def test_a_transaction_sent_here_goes_out_again_on_each_new_tip_until_mined(nodes):
+    """c connects after the transaction was announced, so only a's next tip tells it."""
+    a = nodes("a", "--mine")
+    a.wait_blocks(1)
+    payer = read_key_file(a.datadir / "keys" / "miner.key").address.hex()
+    wait_until(lambda: a.call("getaccount", payer)["balance"] > 8, "a's first rewards",
+               timeout=MINE_TIMEOUT)
+    assert a.call("setgenerate", False) is False
+    to = "cd" * 20
+    sent = subprocess.run([DPODL, "send", "--to", to, "--amount", "7", "--fee", "1"],
+                          env=a.env, capture_output=True, text=True, timeout=STOP_TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    c = nodes("c", peer(a))
+    wait_until(lambda: same_chain([a, c]), "c to sync")
+    assert sent.stdout.strip() not in c.call("getrawmempool")
+    c.call("setgenerate", True)  # its first block is a's new tip: a announces the send again
+    wait_until(lambda: c.call("getaccount", to)["balance"] == 7, "c to mine the send",
+               timeout=MINE_TIMEOUT)
