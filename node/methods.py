@@ -336,14 +336,18 @@ class Methods:
         return "duplicate" if result.status == "duplicate" else None
 
     async def gettransaction(self, txid: object, blockhash: object = None) -> dict:
+        """A pooled or main-chain transaction (looked up in the transaction index), or
+        one of the block `blockhash`, on the main chain or not."""
         tx_id = Hash(param_hex(txid, "txid", size=32))
         if blockhash is None:
             tx = await self.node.on_chain_thread(self.node.mempool.get, tx_id)
-            if tx is None:
-                raise RpcError(INVALID_ADDRESS_OR_KEY, "No such mempool transaction; there "
-                               "is no transaction index: give the block's hash")
-            return self._tx_json(tx) | {"confirmations": 0}
-        block_id = self._block_id(blockhash)
+            if tx is not None:
+                return self._tx_json(tx) | {"confirmations": 0}
+            block_id = self.store.tx_block(tx_id)
+            if block_id is None:
+                raise RpcError(INVALID_ADDRESS_OR_KEY, "No such mempool or blockchain transaction")
+        else:
+            block_id = self._block_id(blockhash)
         block = self.store.get_block(block_id)
         if block is None:
             raise RpcError(INVALID_ADDRESS_OR_KEY, "Block not available")

@@ -60,7 +60,6 @@ EVIDENCE = 64  # histories whose checkpoints are kept as fraud evidence
 # window's blocks, which during a sync cost as much as the checks (py-spy), so not on
 # every block; checkpoints stay up to this many blocks past the window.
 PRUNE_EVERY = 8
-MTX_SEARCH = 100  # main-chain blocks searched for a model transaction a fraud proof names
 
 
 @dataclass(slots=True)
@@ -330,19 +329,18 @@ class Node:
 
     def _find_accused(self, owner_id: Hash) -> tuple[Hash, Proof, Hash | None] | None:
         """(prev_id, proof, the block to drop) of a block, or of a model transaction in
-        the pool or in the main chain's last MTX_SEARCH blocks."""
+        the pool or in a main-chain block (found through the transaction index)."""
         block = self.store.get_block(owner_id)
         if block is not None:
             return block.header.prev_id, block.header.proof, owner_id
         tx = self.mempool.get(owner_id)
         if isinstance(tx, ModelTx):
             return tx.prev_id, tx.proof, None
-        for height in range(self.store.height, max(0, self.store.height - MTX_SEARCH), -1):
-            block_id = self.store.main_chain_id(height)
-            block = self.store.get_block(block_id) if block_id else None
-            for tx in block.txs if block else ():
-                if isinstance(tx, ModelTx) and compute_tx_id(tx) == owner_id:
-                    return tx.prev_id, tx.proof, block_id
+        block_id = self.store.tx_block(owner_id)
+        block = self.store.get_block(block_id) if block_id else None
+        for tx in block.txs if block else ():
+            if isinstance(tx, ModelTx) and compute_tx_id(tx) == owner_id:
+                return tx.prev_id, tx.proof, block_id
         return None
 
     async def submit_transaction(self, tx: Transaction, *, local: bool = False) -> Hash:

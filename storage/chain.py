@@ -3,10 +3,10 @@
 Like Bitcoin Core's ActivateBestChain: a block is stored once its context checks and
 proof pass (wherever it lands in the tree), then the node moves to the heaviest valid
 chain. Moving the tip, whether by one block or by a reorganisation, is one synced
-LevelDB batch holding the state changes, the undo data, the height index and the new
-tip, so a process killed at any moment reopens on a consistent chain. A block that
-fails its state transition is marked invalid with its descendants, and the node falls
-back to the best chain that remains.
+LevelDB batch holding the state changes, the undo data, the height and transaction
+indexes and the new tip, so a process killed at any moment reopens on a consistent
+chain. A block that fails its state transition is marked invalid with its descendants,
+and the node falls back to the best chain that remains.
 
 Callers serialise writes (the node runs this in one executor thread); a lock guards
 against misuse.
@@ -37,7 +37,7 @@ from consensus.state import (
     compute_genesis_state,
 )
 from consensus.tasks import Task, compute_task_id
-from consensus.transactions import TaskTx
+from consensus.transactions import TaskTx, compute_tx_id
 from consensus.validation import HeaderContext, compute_median_time_past, validate_block
 from storage import schema
 from storage.db import Database, StorageError, decode_record
@@ -112,6 +112,8 @@ class ChainStore:
             self._check_meta(meta)
         self._load_index()
         self.tip_id = Hash(self._read(schema.TIP))
+        if db.get(schema.TXINDEX) is None:
+            self._build_tx_index()
         self._seen = max(e.seen for e in self._index.values()) + 1
         # A crash between storing a better block and connecting it leaves it here to finish.
         self._candidates = {i for i, e in self._index.items()
@@ -134,6 +136,14 @@ class ChainStore:
             batch.put(schema.task_key(compute_task_id(task)), encode(task))
             batch.put(schema.META, encode(ChainMeta(self.params.name.encode(), gid)))
             batch.put(schema.TIP, gid)
+
+    def _build_tx_index(self) -> None:
+        with self.db.write_batch() as batch:
+            for height in range(self.height + 1):
+                block_id = self.main_chain_id(height)
+                for tx in self._block(block_id).txs:
+                    batch.put(schema.tx_key(compute_tx_id(tx)), block_id)
+            batch.put(schema.TXINDEX, b"")
 
     def _check_meta(self, raw: bytes) -> None:
         meta = decode_record(ChainMeta, raw, "chain metadata")
@@ -177,6 +187,16 @@ class ChainStore:
     def get_block(self, block_id: Hash) -> Block | None:
         raw = self.db.get(schema.block_key(block_id))
         return None if raw is None else decode_record(Block, raw, f"block {block_id.hex()}")
+
+    def _block(self, block_id: Hash) -> Block:
+        """A block that must be here: StorageError if it is not."""
+        raw = self._read(schema.block_key(block_id))
+        return decode_record(Block, raw, f"block {block_id.hex()}")
+
+    def tx_block(self, tx_id: Hash) -> Hash | None:
+        """The id of the main-chain block holding transaction `tx_id`, or None."""
+        raw = self.db.get(schema.tx_key(tx_id))
+        return None if raw is None else Hash(raw)
 
     def main_chain_id(self, height: int) -> Hash | None:
         raw = self.db.get(schema.height_key(height))
@@ -413,13 +433,15 @@ class ChainStore:
         invalidated block is rewound, leaving its parent as the tip."""
         pending: dict[StateKey, Any] = {}
         view = _PendingState(self, pending)
+        unindexed: list[Hash] = []  # ids of the transactions of disconnected blocks
         for block_id in disconnect:
             for key, before in schema.decode_undo(self._read(schema.undo_key(block_id))):
                 pending[key] = before
-        undos = []
+            unindexed += map(compute_tx_id, self._block(block_id).txs)
+        undos, indexed = [], []
         for block_id in connect:
-            block = self._adding.get(block_id) or decode_record(
-                Block, self._read(schema.block_key(block_id)), f"block {block_id.hex()}")
+            block = self._adding.get(block_id) or self._block(block_id)
+            indexed += [(compute_tx_id(tx), block_id) for tx in block.txs]
             try:
                 diff = apply_block(self.params, view, block)
             except ConsensusError as error:
@@ -438,6 +460,10 @@ class ChainStore:
             for block_id in disconnect:
                 batch.delete(schema.undo_key(block_id))
                 batch.delete(schema.height_key(self._index[block_id].header.height))
+            for tx_id in unindexed:  # deleted before the puts: a tx on both sides stays
+                batch.delete(schema.tx_key(tx_id))
+            for tx_id, block_id in indexed:
+                batch.put(schema.tx_key(tx_id), block_id)
             for block_id, undo in zip(connect, undos, strict=True):
                 entry = self._index[block_id]
                 batch.put(schema.undo_key(block_id), undo)

@@ -16,6 +16,8 @@ One byte of prefix names the table; nobody outside this module formats a key.
     O ckpt_root     marks this node's own solutions' histories (never pruned)
     R start         TaskResult of the task span that starts at that height (node-local)
     E model_id      a block model's test-split score, as this node counted it (node-local)
+    X tx_id         id of the main-chain block holding the transaction; X alone marks the
+                    index as built (a datadir from before it is indexed when opened)
 """
 
 import struct
@@ -40,6 +42,7 @@ CHECKPOINT = b"C"
 OWN = b"O"  # ckpt_roots of this node's own solutions: their checkpoints are never pruned
 RESULT = b"R"
 SCORE = b"E"
+TXINDEX = b"X"
 
 # Validity of an indexed block. STORED: its context checks passed and its data is
 # here; VALID: it has been connected, so its state transition is known to be good.
@@ -119,6 +122,10 @@ def checkpoint_prefix_end(ckpt_root: Hash) -> bytes:
     """A key past every checkpoint of `ckpt_root` and before the next root's: where a
     scan of the roots seeks to skip one root's tensors unread."""
     return CHECKPOINT + ckpt_root + b"\xff" * 5  # longer than any of its 4-byte indexes
+
+
+def tx_key(tx_id: Hash) -> bytes:
+    return TXINDEX + tx_id
 
 
 def own_key(ckpt_root: Hash) -> bytes:

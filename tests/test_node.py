@@ -362,6 +362,11 @@ def test_every_method_against_a_real_node(chain_node):
     node.wait_for(lambda: published["task"] in [t["id"] for t in node.call("listtasks")],
                   "the task to be mined and queued")
     assert node.call("gettask", published["task"])["bounty"] == 50
+    # Mined (pooled before the task), the transfer is found through the transaction index.
+    mined = node.call("gettransaction", tx_id)
+    assert mined["confirmations"] >= 1 and tx_id in node.call("getblock", mined["blockhash"])["tx"]
+    assert node.error("gettransaction", "11" * 32) == {
+        "code": -5, "message": "No such mempool or blockchain transaction"}
 
     # Once its three blocks are mined, the task's result: its best model, which the
     # client exports and plain torch scores on the test split exactly as recorded.

@@ -22,6 +22,7 @@ from consensus.blocks import compute_block_id
 from consensus.encoding import encode
 from consensus.params import genesis_block
 from consensus.seal import MissingArtifact
+from consensus.transactions import ModelTx, compute_tx_id, sign_tx
 from mining.htoa import compute_htoa
 from mining.miner import Solution
 from mining.trainer import DeviceData
@@ -190,3 +191,20 @@ async def test_a_false_fraud_notice_gets_its_sender_banned(start, data, accuser)
     assert host == "127.0.0.2"
     assert reason == ("bad-fraud-proof" if serves else "fraud-proof-unbacked")
     assert x.store.tip_id == block_id
+
+
+async def test_a_fraud_proof_against_a_mined_model_transaction_drops_its_block(start, data):
+    """The accused is found through the transaction index, however deep its block."""
+    forged, honest = forged_solution(data), honest_solution(data)
+    mtx = sign_tx(ModelTx(GENESIS_ID, forged.proof, 0), FORGER)
+    block = sign_block(GENESIS, honest, HONEST, timestamp=int(time.time()), txs=(mtx,))
+    x = await start("x", 0)  # public audits only: the forged mtx passes
+    for solution in (forged, honest):
+        await x.on_chain_thread(solution.publish, x.artifacts)
+    assert (await x.submit_block(block)).status == "connected"
+    mtx_id = compute_tx_id(mtx)
+    assert x.store.tx_block(mtx_id) == compute_block_id(block.header)
+    assert await x.apply_fraud_proof(mtx_id, 0) is Verdict.REFUTED  # an honest interval
+    assert x.store.tip_id == compute_block_id(block.header)
+    assert await x.apply_fraud_proof(mtx_id, 4) is Verdict.HOLDS  # the forged one
+    assert x.store.tip_id == GENESIS_ID and x.store.tx_block(mtx_id) is None

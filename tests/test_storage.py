@@ -12,6 +12,8 @@ from consensus.errors import ConsensusError
 from consensus.keys import PrivateKey
 from consensus.params import DEV, TESTNET
 from consensus.seal import NoProofEngine
+from consensus.transactions import compute_tx_id
+from storage import schema
 from storage.chain import ChainStore, MissingParent
 from storage.db import Database, DataDirLocked, StorageError
 from storage.schema import STATUS_INVALID, STATUS_INVALID_PARENT, STATUS_VALID
@@ -307,4 +309,37 @@ def test_invalidate_tip_without_rival_rewinds_to_its_parent(tmp_path):
     assert store.invalidate_block(bid(off_chain)).status == "stored"
     with pytest.raises(ValueError):
         store.invalidate_block(builder.genesis_id)
+    store.db.close()
+
+
+def test_transaction_index_follows_the_main_chain_and_is_built_for_an_older_datadir(tmp_path):
+    builder = ChainBuilder(PARAMS)
+    base = builder.chain(builder.genesis_id, 1)
+    both, main_only = transfer(ALICE, BOB.address, 5, 0), transfer(ALICE, BOB.address, 6, 1)
+    ids = [compute_tx_id(tx) for tx in (both, main_only)]
+    main = [builder.extend(bid(base[-1]), (both, main_only))]
+    main += builder.chain(bid(main[-1]), 1)
+    fork = [builder.extend(bid(base[-1]))]
+    fork += [builder.extend(bid(fork[-1]), (both,))]
+    fork += builder.chain(bid(fork[-1]), 1)
+    store = open_store(tmp_path)
+    for block in base + main:
+        store.add_block(block)
+    assert [store.tx_block(i) for i in ids] == [bid(main[0])] * 2
+    for block in fork:
+        store.add_block(block)
+    assert store.tip_id == bid(fork[-1])
+    assert [store.tx_block(i) for i in ids] == [bid(fork[1]), None]
+    store.invalidate_block(bid(fork[1]))
+    assert store.tip_id == bid(main[-1])
+    assert [store.tx_block(i) for i in ids] == [bid(main[0])] * 2
+    index = dict(store.db.iterate(schema.TXINDEX))
+    assert len(index) == 3  # the two transfers and the mark that the index is built
+    # A datadir written before the index existed gets it when opened.
+    with store.db.write_batch() as batch:
+        for key in index:
+            batch.delete(key)
+    store.db.close()
+    store = open_store(tmp_path)
+    assert dict(store.db.iterate(schema.TXINDEX)) == index
     store.db.close()
