@@ -303,11 +303,12 @@ class Node:
                                              FraudProof(owner_id, start, end))
         if verdict is Verdict.HOLDS:
             self._keep_evidence(proof.ckpt_root)
-            await self.on_chain_thread(self.mempool.remove, owner_id)
             if block_id is not None:
                 entry = self.store.get_entry(block_id)
                 if entry is not None and entry.status < STATUS_INVALID:
                     await self.invalidate_block(block_id)
+            # After the block is dropped: its transactions went back to the pool.
+            await self.on_chain_thread(self.mempool.remove, owner_id)
         return verdict
 
     def _keep_evidence(self, ckpt_root: Hash) -> None:
@@ -345,7 +346,7 @@ class Node:
 
     async def submit_transaction(self, tx: Transaction, *, local: bool = False) -> Hash:
         """Add a transaction to the mempool (ConsensusError says why not); a `local` one
-        (from RPC) is announced again on each new tip until it is mined."""
+        (from RPC) is announced again on new tips until it is mined."""
         try:
             tx_id = await self.on_chain_thread(self.mempool.add, tx)
         except FraudFound as fraud:

@@ -13,11 +13,12 @@ Peer management follows Bitcoin Core where §11 is silent:
   (at most 0.1 a second per peer after a burst of 1,000; small announcements are
   passed on to two other peers);
 - one link per node: a node's version nonce names it while it runs, so two links to
-  one node (both dialled by us, or one each way when we dial each other at once)
-  are seen and one of them closed, the same one at both ends;
+  one node at one address (both dialled by us, or one each way when we dial each
+  other at once) are seen and one of them closed, the same one at both ends;
 - transactions are announced once to each peer, and those submitted here (RPC) again
-  to every peer on each new tip until mined, as Core's wallet resends its own: a peer
-  that refused one on its old tip (a payer its branch had not paid) learns it again;
+  to every peer on a new tip (at most every 30 s) until mined, as Core's wallet
+  resends its own: a peer that refused one on its old tip (a payer its branch had not
+  paid) learns it again;
 - ping every `ping_interval`; a peer silent for `idle_timeout` is dropped;
 - misbehaviour (a malformed or oversize frame, an invalid block or header, data not
   asked for, an inv flood) disconnects the peer and bans its address for
@@ -107,9 +108,11 @@ WAITING_BLOCKS = 64  # blocks that model transactions wait for
 WAITING_PER_BLOCK = 16
 PARKED_PROOFS = 64  # fraud proofs about blocks or mtxs not here yet
 PREFETCH_BLOCKS = 4  # blocks whose artifacts are fetched ahead of their turn at once
-# Our own transactions announced again on each new tip until mined: the last this many
-# (an inv of at most 100 items a block keeps well inside a peer's inv rate, 1,000 a second).
+# Our own transactions (the last this many) are announced again on a new tip until
+# mined, at most every RESEND_EVERY seconds: well inside a peer's inv rate however fast
+# blocks come (a node catching up connects dozens a second).
 LOCAL_TXS = 100
+RESEND_EVERY = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,7 @@ class Network:
         self._tx_requests: dict[Hash, tuple[Peer, float]] = {}
         self._rejected_txs = KnownSet(10_000)  # cleared on each new tip, as in Core
         self._local_txs: OrderedDict[Hash, InvItem] = OrderedDict()  # submitted here
+        self._resent = -RESEND_EVERY  # when they last went out again
         self._tx_adding: dict[Hash, Transaction] = {}  # arrived and being checked
         self._adding: Block | None = None  # the block being checked
         self._tip_moved = asyncio.Event()  # wakes the keeper of recent checkpoints
@@ -294,17 +298,18 @@ class Network:
             writer.transport.abort()
             return
         self._handshaking -= inbound
-        twin = next((p for p in self.peers.values()
-                     if p.version.nonce == theirs.nonce and p.addr[0] == addr[0]), None)
+        twin = next((p for p in self.peers.values() if p.alive and
+                     p.version.nonce == theirs.nonce and p.addr[0] == addr[0]), None)
         if twin is not None and not (twin.inbound and inbound):
             # One node, two links: both dialled by us (by name and by address from
             # gossip), or one each way (we dialled each other at once). Keep the first
             # of ours; of one each way, both ends keep the one the larger nonce dialled.
+            # (The same host only: a nonce from elsewhere proves nothing.)
             keep_new = twin.inbound != inbound and (self.nonce > theirs.nonce) != inbound
             log.info("%s:%d is %r already: keeping the %s link", *addr, twin,
                      "new" if keep_new else "old")
             if not keep_new:
-                if dialled in self.manual:
+                if dialled in self.manual:  # the link it has stands for the operator's
                     twin.manual, twin.dialled = True, dialled
                 writer.transport.abort()
                 return
@@ -853,18 +858,25 @@ class Network:
             if block_id not in peer.known_blocks:
                 peer.known_blocks.add(block_id)
                 peer.send(Inv((item,)))
-        # Our own transactions still pooled go out again, to every peer: one that refused
-        # them on its old tip (a bounty its branch could not pay) may take them on this.
-        for tx_id in [i for i in self._local_txs if self.node.mempool.get(i) is None]:
-            del self._local_txs[tx_id]
-        if self._local_txs:
-            items = tuple(self._local_txs.values())
+        if self._local_txs and time.monotonic() - self._resent >= RESEND_EVERY:
+            self._resend_local_txs()
+
+    def _resend_local_txs(self) -> None:
+        """Announce our own pooled transactions again, to every peer: one that refused
+        them on its old tip (a bounty its branch could not pay) may take them on this."""
+        for tx_id in [i for i in self._local_txs if self.store.tx_block(i) is not None]:
+            del self._local_txs[tx_id]  # mined
+        # Not dropped when missing from the pool: a lookup can meet the pool half rebuilt.
+        items = tuple(item for tx_id, item in self._local_txs.items()
+                      if self.node.mempool.get(tx_id) is not None)
+        if items:
+            self._resent = time.monotonic()
             for peer in self.peers.values():
                 peer.send(Inv(items))
 
     def announce_tx(self, tx_id: Hash, tx: Transaction, *, local: bool = False) -> None:
         """Tell every peer that does not know it yet about a new pooled transaction;
-        a `local` one (submitted here) is announced again on each new tip until mined."""
+        a `local` one (submitted here) is announced again on new tips until mined."""
         item = InvItem(INV_MTX if isinstance(tx, ModelTx) else INV_TX, tx_id)
         if local:
             self._local_txs[tx_id] = item

@@ -112,7 +112,7 @@ class ChainStore:
             self._check_meta(meta)
         self._load_index()
         self.tip_id = Hash(self._read(schema.TIP))
-        if db.get(schema.TXINDEX) is None:
+        if db.get(schema.TXINDEX) != self.tip_id:  # older than the index, or than its tip
             self._build_tx_index()
         self._seen = max(e.seen for e in self._index.values()) + 1
         # A crash between storing a better block and connecting it leaves it here to finish.
@@ -139,11 +139,13 @@ class ChainStore:
 
     def _build_tx_index(self) -> None:
         with self.db.write_batch() as batch:
+            for key, _ in self.db.iterate(schema.TXINDEX):
+                batch.delete(key)
             for height in range(self.height + 1):
                 block_id = self.main_chain_id(height)
                 for tx in self._block(block_id).txs:
                     batch.put(schema.tx_key(compute_tx_id(tx)), block_id)
-            batch.put(schema.TXINDEX, b"")
+            batch.put(schema.TXINDEX, self.tip_id)
 
     def _check_meta(self, raw: bytes) -> None:
         meta = decode_record(ChainMeta, raw, "chain metadata")
@@ -473,6 +475,7 @@ class ChainStore:
                     batch.put(schema.index_key(block_id), encode(validated[block_id]))
             new_tip = connect[-1] if connect else self._index[disconnect[-1]].header.prev_id
             batch.put(schema.TIP, new_tip)
+            batch.put(schema.TXINDEX, new_tip)  # the tip the index is up to
         self._index.update(validated)
         self.tip_id = new_tip
 

@@ -16,8 +16,9 @@ One byte of prefix names the table; nobody outside this module formats a key.
     O ckpt_root     marks this node's own solutions' histories (never pruned)
     R start         TaskResult of the task span that starts at that height (node-local)
     E model_id      a block model's test-split score, as this node counted it (node-local)
-    X tx_id         id of the main-chain block holding the transaction; X alone marks the
-                    index as built (a datadir from before it is indexed when opened)
+    X tx_id         id of the main-chain block holding the transaction; X alone holds
+                    the tip the index is up to (when it is not the tip, as in a datadir
+                    from before the index, the index is built again on opening)
 """
 
 import struct

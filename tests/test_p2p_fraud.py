@@ -208,3 +208,4 @@ async def test_a_fraud_proof_against_a_mined_model_transaction_drops_its_block(s
     assert x.store.tip_id == compute_block_id(block.header)
     assert await x.apply_fraud_proof(mtx_id, 4) is Verdict.HOLDS  # the forged one
     assert x.store.tip_id == GENESIS_ID and x.store.tx_block(mtx_id) is None
+    assert mtx_id not in x.mempool  # not back in the pool with its block's other txs
